@@ -1,0 +1,465 @@
+"""MobileNetV2 in Flax NNX, layer for layer the network `keras.applications.MobileNetV2` builds.
+
+This module owns the architecture and its forward pass; `convert.py` owns filling it with Keras weights.
+
+Every weighted Keras layer has exactly one NNX module here, reachable by an obvious path:
+
+    Keras layer name                 NNX path (see `keras_layer_path`)
+    Conv1, bn_Conv1                  Conv1, bn_Conv1
+    expanded_conv_depthwise          blocks[0].depthwise        (block 0 has no expand layer)
+    expanded_conv_project_BN         blocks[0].project_BN
+    block_<i>_expand                 blocks[i].expand           (i = 1..16)
+    block_<i>_depthwise_BN           blocks[i].depthwise_BN
+    Conv_1, Conv_1_bn                Conv_1, Conv_1_bn
+    predictions                      predictions                (only with include_top)
+
+Parameters keep Keras' shapes (conv kernels `(kh, kw, in, out)`, depthwise kernels `(kh, kw, channels, 1)`,
+dense kernel `(in, out)`), so conversion is a copy with no transposes.
+
+The backbone is frozen in the tutorial this project reproduces, and Keras calls it with `training=False`:
+BatchNorm always normalises with its running statistics (`nnx.BatchNorm(use_running_average=True)`), whatever
+`model.train()` / `model.eval()` say. Because those statistics are constants inside one forward pass, each
+BatchNorm is folded into the kernel of the convolution before it (scale the kernel's output channels, add a
+shift), which is exact up to float32 rounding and saves one pass over every activation.
+
+Two implementations of the convolutions share the same parameters (`depthwise=`):
+- "conv": XLA's native convolution (`lax.conv_general_dilated`, depthwise via `feature_group_count`),
+  the fastest choice on GPU and TPU.
+- "taps": the 3x3 depthwise convolution as nine shifted multiply-adds and every 1x1 convolution as a matrix
+  product over the channel axis. XLA's CPU backend runs a grouped convolution 10-20x and a 1x1 convolution
+  2-4x slower than these equivalent forms, so this is the fast path on CPU.
+- "auto" picks "taps" when JAX's default backend is the CPU and "conv" otherwise.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# Keras' MobileNetV2 uses these for every BatchNormalization layer.
+BN_EPSILON = 1e-3
+BN_MOMENTUM = 0.999
+
+# (filters, stride, expansion) of the 17 inverted residual blocks, block_id 0..16, as in Keras.
+BLOCK_SPECS: tuple[tuple[int, int, int], ...] = (
+    (16, 1, 1),
+    (24, 2, 6),
+    (24, 1, 6),
+    (32, 2, 6),
+    (32, 1, 6),
+    (32, 1, 6),
+    (64, 2, 6),
+    (64, 1, 6),
+    (64, 1, 6),
+    (64, 1, 6),
+    (96, 1, 6),
+    (96, 1, 6),
+    (96, 1, 6),
+    (160, 2, 6),
+    (160, 1, 6),
+    (160, 1, 6),
+    (320, 1, 6),
+)
+
+DEPTHWISE_IMPLS = ("auto", "conv", "taps")
+POOLINGS = (None, "avg", "max")
+CLASSIFIER_ACTIVATIONS = (None, "softmax", "linear")
+MIN_INPUT_SIZE = 32
+# On CPU the network runs this many images at a time (see `_map_in_chunks`).
+CPU_BATCH_CHUNK = 2
+
+
+class ModelConfigError(ValueError):
+    """An invalid MobileNetV2 option (alpha, pooling, depthwise, input size...)."""
+
+
+def _make_divisible(v: float, divisor: int = 8, min_value: int | None = None) -> int:
+    """Keras' channel rounding, verbatim: nearest multiple of `divisor`, never more than 10% below `v`."""
+    if min_value is None:
+        min_value = divisor
+    new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
+    if new_v < 0.9 * v:
+        new_v += divisor
+    return new_v
+
+
+def correct_pad(height: int, width: int, kernel_size: int = 3) -> tuple[tuple[int, int], ...]:
+    """Zero padding Keras puts before a stride-2 "valid" conv (`imagenet_utils.correct_pad`).
+
+    An even side gets one pixel at the bottom/right only, an odd side one on each end. This equals
+    TensorFlow's "SAME" padding for a 3x3 stride-2 conv, which is what Keras uses for `Conv1`.
+    """
+    correct = kernel_size // 2
+    adjust_h, adjust_w = 1 - height % 2, 1 - width % 2
+    return ((correct - adjust_h, correct), (correct - adjust_w, correct))
+
+
+def last_conv_filters(alpha: float) -> int:
+    """Width of `Conv_1`: 1280, widened only when alpha > 1 (the paper keeps it for alpha <= 1)."""
+    return _make_divisible(1280 * alpha, 8) if alpha > 1.0 else 1280
+
+
+def resolve_depthwise(depthwise: str) -> str:
+    """The implementation to trace: "auto" means "taps" on the CPU backend and "conv" on GPU/TPU."""
+    if depthwise not in DEPTHWISE_IMPLS:
+        raise ModelConfigError(
+            f"depthwise={depthwise!r} is not one of {', '.join(DEPTHWISE_IMPLS)}; pick one of those"
+        )
+    if depthwise == "auto":
+        return "taps" if jax.default_backend() == "cpu" else "conv"
+    return depthwise
+
+
+def _frozen_bn_affine(bn: nnx.BatchNorm) -> tuple[jax.Array, jax.Array]:
+    """Inference BatchNorm as `x * scale + shift`, from the running statistics (like tf.nn.batch_normalization)."""
+    scale = bn.scale[...] * jax.lax.rsqrt(bn.var[...] + bn.epsilon)
+    shift = bn.bias[...] - bn.mean[...] * scale
+    return scale, shift
+
+
+def _relu6(x: jax.Array) -> jax.Array:
+    return jnp.clip(x, 0, 6)
+
+
+def _new_bn(features: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
+    return nnx.BatchNorm(
+        features,
+        use_running_average=True,
+        epsilon=BN_EPSILON,
+        momentum=BN_MOMENTUM,
+        rngs=rngs,
+    )
+
+
+class Conv2D(nnx.Module):
+    """A bias-free Keras `Conv2D` with a Keras-shaped kernel `(kh, kw, in, out)`.
+
+    It is always followed by a frozen BatchNorm, which `__call__` folds in (`bn`).
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int, kernel_size: int, *, strides: int, rngs: nnx.Rngs
+    ):
+        shape = (kernel_size, kernel_size, in_features, out_features)
+        self.kernel = nnx.Param(nnx.initializers.glorot_uniform()(rngs.params(), shape))
+        self.strides = strides
+
+    def __call__(self, x: jax.Array, bn: nnx.BatchNorm, impl: str, dtype) -> jax.Array:
+        scale, shift = _frozen_bn_affine(bn)
+        kernel = (self.kernel[...] * scale).astype(dtype)
+        kh, kw = kernel.shape[:2]
+        if kh == 1 and kw == 1 and self.strides == 1 and impl == "taps":
+            # A 1x1 conv is a matrix product over the channel axis; XLA:CPU runs it as one GEMM.
+            y = jnp.einsum("nhwc,cd->nhwd", x, kernel[0, 0])
+        elif kh == 1 and kw == 1 and self.strides == 1:
+            y = _native_conv(x, kernel, ((0, 0), (0, 0)), 1, groups=1)
+        elif impl == "taps":
+            # Conv1 (3x3, stride 2, only 3 input channels): 27 broadcast multiply-adds, one per
+            # (tap, input channel), which XLA fuses into a single pass writing the output once.
+            # An im2col concatenation + matmul is ~3x slower, XLA:CPU's convolution ~8x.
+            x = jnp.pad(x, ((0, 0), *correct_pad(x.shape[1], x.shape[2], kh), (0, 0)))
+            views = _shifted_views(x, kh, kw, self.strides)
+            y = sum(
+                view[..., c : c + 1] * kernel[i, j, c]
+                for (i, j), view in zip(_taps(kh, kw), views, strict=True)
+                for c in range(x.shape[-1])
+            )
+        else:
+            padding = correct_pad(x.shape[1], x.shape[2], kh)
+            y = _native_conv(x, kernel, padding, self.strides, groups=1)
+        return y + shift.astype(dtype)
+
+
+class DepthwiseConv2D(nnx.Module):
+    """A bias-free Keras `DepthwiseConv2D` (3x3, multiplier 1), kernel shaped `(3, 3, channels, 1)` as in Keras."""
+
+    def __init__(self, channels: int, *, strides: int, rngs: nnx.Rngs):
+        shape = (3, 3, channels, 1)
+        self.kernel = nnx.Param(nnx.initializers.glorot_uniform()(rngs.params(), shape))
+        self.strides = strides
+
+    def __call__(self, x: jax.Array, bn: nnx.BatchNorm, impl: str, dtype) -> jax.Array:
+        scale, shift = _frozen_bn_affine(bn)
+        kernel = (self.kernel[...][..., 0] * scale).astype(dtype)  # (3, 3, channels)
+        # Keras: padding="same" for stride 1; ZeroPadding2D(correct_pad) + "valid" for stride 2.
+        padding = ((1, 1), (1, 1)) if self.strides == 1 else correct_pad(x.shape[1], x.shape[2], 3)
+        if impl == "taps":
+            x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+            views = _shifted_views(x, 3, 3, self.strides)
+            y = sum(view * kernel[i, j] for (i, j), view in zip(_taps(3, 3), views, strict=True))
+        else:
+            y = _native_conv(x, kernel[:, :, None, :], padding, self.strides, groups=x.shape[-1])
+        return y + shift.astype(dtype)
+
+
+def _map_in_chunks(fn, x: jax.Array, chunk: int) -> jax.Array:
+    """`fn(x)` computed `chunk` images at a time with `lax.map` (0 = all at once).
+
+    Every image is independent (BatchNorm uses running statistics), so the result is the same. On CPU
+    the forward pass is limited by memory traffic: at batch 32 and 224x224 an expanded activation is
+    150 MB, while a few images' worth stays in cache between one layer and the next.
+    """
+    batch = x.shape[0]
+    if chunk <= 0 or batch <= chunk:
+        return fn(x)
+    whole = batch - batch % chunk
+    y = jax.lax.map(fn, x[:whole].reshape(whole // chunk, chunk, *x.shape[1:]))
+    y = y.reshape(whole, *y.shape[2:])
+    if whole < batch:
+        y = jnp.concatenate([y, fn(x[whole:])])
+    return y
+
+
+def _taps(kh: int, kw: int) -> list[tuple[int, int]]:
+    return [(i, j) for i in range(kh) for j in range(kw)]
+
+
+def _shifted_views(x: jax.Array, kh: int, kw: int, strides: int) -> list[jax.Array]:
+    """The kh*kw input windows of a "valid" conv over an already padded NHWC `x`, in (i, j) order."""
+    out_h = (x.shape[1] - kh) // strides + 1
+    out_w = (x.shape[2] - kw) // strides + 1
+    return [
+        jax.lax.slice(
+            x,
+            (0, i, j, 0),
+            (x.shape[0], i + strides * (out_h - 1) + 1, j + strides * (out_w - 1) + 1, x.shape[3]),
+            (1, strides, strides, 1),
+        )
+        for i, j in _taps(kh, kw)
+    ]
+
+
+def _native_conv(
+    x: jax.Array, kernel: jax.Array, padding: Sequence[tuple[int, int]], strides: int, groups: int
+) -> jax.Array:
+    return jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        window_strides=(strides, strides),
+        padding=tuple(padding),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=groups,
+    )
+
+
+class InvertedResidual(nnx.Module):
+    """Keras `_inverted_res_block`: 1x1 expand (not in block 0), 3x3 depthwise, linear 1x1 project.
+
+    Each conv is followed by BatchNorm; expand and depthwise by ReLU6; project by nothing (the "linear
+    bottleneck"). The input is added back only when the stride is 1 and the channel count is unchanged.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        *,
+        filters: int,
+        alpha: float,
+        stride: int,
+        expansion: int,
+        block_id: int,
+        rngs: nnx.Rngs,
+    ):
+        out_channels = _make_divisible(int(filters * alpha), 8)
+        hidden = in_channels
+        if block_id:
+            hidden = expansion * in_channels
+            self.expand = Conv2D(in_channels, hidden, 1, strides=1, rngs=rngs)
+            self.expand_BN = _new_bn(hidden, rngs)
+        else:
+            self.expand = None
+            self.expand_BN = None
+        self.depthwise = DepthwiseConv2D(hidden, strides=stride, rngs=rngs)
+        self.depthwise_BN = _new_bn(hidden, rngs)
+        self.project = Conv2D(hidden, out_channels, 1, strides=1, rngs=rngs)
+        self.project_BN = _new_bn(out_channels, rngs)
+        self.out_channels = out_channels
+        self.use_residual = stride == 1 and in_channels == out_channels
+
+    def __call__(self, inputs: jax.Array, impl: str, dtype) -> jax.Array:
+        x = inputs
+        if self.expand is not None:
+            x = _relu6(self.expand(x, self.expand_BN, impl, dtype))
+        x = _relu6(self.depthwise(x, self.depthwise_BN, impl, dtype))
+        x = self.project(x, self.project_BN, impl, dtype)
+        return inputs + x if self.use_residual else x
+
+
+def block_keras_prefix(block_id: int) -> str:
+    """Keras' layer-name prefix of block `block_id`: block 0 is "expanded_conv_", the rest "block_<i>_"."""
+    return "expanded_conv_" if block_id == 0 else f"block_{block_id}_"
+
+
+_BLOCK_LAYER = re.compile(
+    r"^(?:expanded_conv_|block_(\d+)_)(expand|expand_BN|depthwise|depthwise_BN|project|project_BN)$"
+)
+_TOP_LEVEL_LAYERS = ("Conv1", "bn_Conv1", "Conv_1", "Conv_1_bn", "predictions")
+
+
+def keras_layer_path(keras_layer_name: str) -> tuple[str | int, ...] | None:
+    """The NNX module path of a weighted Keras MobileNetV2 layer, or None for a name that is not one.
+
+    >>> keras_layer_path("block_3_expand_BN")
+    ('blocks', 3, 'expand_BN')
+    >>> keras_layer_path("expanded_conv_project")
+    ('blocks', 0, 'project')
+    """
+    if keras_layer_name in _TOP_LEVEL_LAYERS:
+        return (keras_layer_name,)
+    match = _BLOCK_LAYER.match(keras_layer_name)
+    if match is None:
+        return None
+    block_id = int(match.group(1)) if match.group(1) is not None else 0
+    if keras_layer_name.startswith("block_") and block_id == 0:
+        return None  # Keras names block 0 "expanded_conv_", never "block_0_"
+    return ("blocks", block_id, match.group(2))
+
+
+class MobileNetV2(nnx.Module):
+    """`keras.applications.MobileNetV2(alpha, include_top, classes, classifier_activation, pooling)`.
+
+    Call it on an NHWC float batch scaled to [-1, 1] (Keras' `mobilenet_v2.preprocess_input`), any
+    height and width >= 32. Returns the last feature map `[N, h, w, num_features]` (pooling None), pooled
+    features `[N, num_features]` ("avg" / "max"), or class scores `[N, classes]` (include_top).
+
+    depthwise: "auto" | "conv" | "taps", how convolutions are computed (module docstring); same results.
+    dtype: compute dtype of activations (e.g. jnp.bfloat16); parameters stay float32.
+    batch_chunk: images per pass through the network; None = `CPU_BATCH_CHUNK` on the "taps" (CPU)
+        path, the whole batch otherwise; 0 = the whole batch.
+    """
+
+    def __init__(
+        self,
+        *,
+        alpha: float = 1.0,
+        include_top: bool = True,
+        classes: int = 1000,
+        classifier_activation: str | None = "softmax",
+        pooling: str | None = None,
+        depthwise: str = "auto",
+        dtype: jnp.dtype | None = None,
+        batch_chunk: int | None = None,
+        rngs: nnx.Rngs,
+    ):
+        if alpha <= 0:
+            raise ModelConfigError(f"alpha={alpha} must be positive (Keras ships 0.35 .. 1.4)")
+        if pooling not in POOLINGS:
+            raise ModelConfigError(f"pooling={pooling!r} is not one of None, 'avg', 'max'")
+        if classifier_activation not in CLASSIFIER_ACTIVATIONS:
+            raise ModelConfigError(
+                f"classifier_activation={classifier_activation!r} is not one of None, 'softmax', 'linear'"
+            )
+        resolve_depthwise(depthwise)  # validates the name early
+        self.alpha = alpha
+        self.include_top = include_top
+        self.classes = classes
+        self.classifier_activation = classifier_activation
+        self.pooling = pooling
+        self.depthwise = depthwise
+        self.dtype = dtype
+        self.batch_chunk = batch_chunk
+
+        first_filters = _make_divisible(32 * alpha, 8)
+        self.Conv1 = Conv2D(3, first_filters, 3, strides=2, rngs=rngs)
+        self.bn_Conv1 = _new_bn(first_filters, rngs)
+        blocks = []
+        channels = first_filters
+        for block_id, (filters, stride, expansion) in enumerate(BLOCK_SPECS):
+            block = InvertedResidual(
+                channels,
+                filters=filters,
+                alpha=alpha,
+                stride=stride,
+                expansion=expansion,
+                block_id=block_id,
+                rngs=rngs,
+            )
+            blocks.append(block)
+            channels = block.out_channels
+        self.blocks = nnx.List(blocks)
+        self.num_features = last_conv_filters(alpha)
+        self.Conv_1 = Conv2D(channels, self.num_features, 1, strides=1, rngs=rngs)
+        self.Conv_1_bn = _new_bn(self.num_features, rngs)
+        if include_top:
+            self.predictions = nnx.Linear(
+                self.num_features,
+                classes,
+                kernel_init=nnx.initializers.glorot_uniform(),
+                dtype=dtype,
+                rngs=rngs,
+            )
+        else:
+            self.predictions = None
+
+    def keras_layers(self) -> dict[str, nnx.Module]:
+        """Every weighted Keras layer name of this configuration -> the NNX module holding its weights."""
+        layers: dict[str, nnx.Module] = {"Conv1": self.Conv1, "bn_Conv1": self.bn_Conv1}
+        for block_id, block in enumerate(self.blocks):
+            prefix = block_keras_prefix(block_id)
+            for member in (
+                "expand",
+                "expand_BN",
+                "depthwise",
+                "depthwise_BN",
+                "project",
+                "project_BN",
+            ):
+                module = getattr(block, member)
+                if module is not None:
+                    layers[prefix + member] = module
+        layers["Conv_1"] = self.Conv_1
+        layers["Conv_1_bn"] = self.Conv_1_bn
+        if self.predictions is not None:
+            layers["predictions"] = self.predictions
+        return layers
+
+    def features(self, x: jax.Array) -> list[jax.Array]:
+        """Activations after Conv1's ReLU, after each of the 17 blocks and after `out_relu` (19 maps).
+
+        Keras names these `Conv1_relu`, `expanded_conv_project_BN`, `block_<i>_add` or
+        `block_<i>_project_BN`, and `out_relu`; the parity tests compare them one by one.
+        """
+        self._check_input(x)
+        impl = resolve_depthwise(self.depthwise)
+        dtype = self.dtype or x.dtype
+        x = x.astype(dtype)
+        outputs = [_relu6(self.Conv1(x, self.bn_Conv1, impl, dtype))]
+        for block in self.blocks:
+            outputs.append(block(outputs[-1], impl, dtype))
+        outputs.append(_relu6(self.Conv_1(outputs[-1], self.Conv_1_bn, impl, dtype)))
+        return outputs
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        self._check_input(x)
+        chunk = self.batch_chunk
+        if chunk is None:
+            chunk = CPU_BATCH_CHUNK if resolve_depthwise(self.depthwise) == "taps" else 0
+        return _map_in_chunks(self._forward, x, chunk)
+
+    def _forward(self, x: jax.Array) -> jax.Array:
+        x = self.features(x)[-1]
+        if self.include_top:
+            x = self.predictions(jnp.mean(x, axis=(1, 2)))
+            if self.classifier_activation == "softmax":
+                x = jax.nn.softmax(x, axis=-1)
+            return x
+        if self.pooling == "avg":
+            return jnp.mean(x, axis=(1, 2))
+        if self.pooling == "max":
+            return jnp.max(x, axis=(1, 2))
+        return x
+
+    def _check_input(self, x: jax.Array) -> None:
+        if x.ndim != 4 or x.shape[-1] != 3:
+            raise ModelConfigError(
+                f"MobileNetV2 expects an NHWC batch with 3 channels, got shape {tuple(x.shape)}"
+            )
+        if min(x.shape[1], x.shape[2]) < MIN_INPUT_SIZE:
+            raise ModelConfigError(
+                f"input {x.shape[1]}x{x.shape[2]} is smaller than MobileNetV2's minimum "
+                f"{MIN_INPUT_SIZE}x{MIN_INPUT_SIZE}; resize the images up"
+            )
