@@ -1,0 +1,258 @@
+"""Checkpoints of a training run (Orbax): what each epoch saves, which are kept, whose workdir it is.
+
+Each epoch saves, under `<workdir>/checkpoints/<epoch>/`:
+- `trainable`: the parameters the optimizer trains (the head). The frozen backbone is not saved: it
+  is rebuilt from the run's `weights` source, which is why that source must not change on resume.
+- `optimizer`: the optimizer state (step count, Adam moments).
+- `meta` (JSON): the epoch, the seed the per-epoch data orders derive from, the run's config and
+  the history so far, so a checkpoint alone is enough to resume.
+
+The last `KEEP_LATEST` epochs are kept, plus the one with the best test accuracy.
+
+A run resumes only into a workdir that holds the same run: `check_workdir` compares the fields of
+`MUST_MATCH` with what the workdir's checkpoint (or history.json) recorded and refuses, before
+anything is written, when they differ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import tempfile
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+CHECKPOINT_DIR = "checkpoints"
+HISTORY_FILE = "history.json"
+KEEP_LATEST = 3
+# What a resumed run must share with the checkpointed one: the model (weights source, width, input
+# size, classes, compute dtype) and the recipe whose history it continues (data, batch, optimizer,
+# seed). Everything else (epochs, workdir, quiet, data_dir, resize, depthwise) may change.
+MUST_MATCH = (
+    "dataset",
+    "train_split",
+    "test_split",
+    "num_classes",
+    "image_size",
+    "alpha",
+    "weights",
+    "dtype",
+    "batch_size",
+    "learning_rate",
+    "seed",
+)
+
+
+class CheckpointMismatchError(ValueError):
+    """The workdir holds a run with another model or recipe than the one requested."""
+
+
+class WorkdirError(ValueError):
+    """The workdir cannot be written, or holds nothing to evaluate."""
+
+
+@dataclasses.dataclass
+class Restored:
+    """One epoch's checkpoint, read back."""
+
+    epoch: int
+    trainable: Any
+    optimizer: Any
+    data_seed: int
+    run_config: dict
+    history: list[dict]
+
+
+def _recorded_run_config(workdir: pathlib.Path) -> tuple[dict, str] | None:
+    """The config the workdir's latest checkpoint (or else its history.json) recorded, and where."""
+    store = RunCheckpoints(workdir, read_only=True)
+    try:
+        epoch = store.latest_epoch()
+        if epoch is not None:
+            return store.run_config(epoch), f"its epoch-{epoch} checkpoint"
+    finally:
+        store.close()
+    history = workdir / HISTORY_FILE
+    if history.is_file():
+        try:
+            return json.loads(history.read_text())["config"], str(history)
+        except (ValueError, KeyError, TypeError) as error:
+            raise CheckpointMismatchError(
+                f"{history} is not a history file of this project ({error}); "
+                "choose another --workdir"
+            ) from None
+    return None
+
+
+def _check_writable(workdir: pathlib.Path) -> None:
+    """Raises WorkdirError unless files can be created in `workdir` (or where it would be made)."""
+    existing = workdir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise WorkdirError(
+            f"--workdir {workdir} cannot be created: {existing} is a file; choose another --workdir"
+        )
+    try:
+        # Creating (and removing) a file is the only test that also holds for root and read-only mounts.
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise WorkdirError(
+            f"--workdir {workdir} is not writable ({error.strerror} in {existing}); "
+            "choose another --workdir"
+        ) from None
+
+
+def check_workdir(workdir: str | os.PathLike, run_config: dict) -> None:
+    """Refuses, without writing anything, a workdir of another run or one that cannot be written."""
+    workdir = pathlib.Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise WorkdirError(f"--workdir {workdir} is a file; choose a directory")
+    recorded = _recorded_run_config(workdir) if workdir.is_dir() else None
+    if recorded is not None:
+        recorded_config, source = recorded
+        differences = [
+            f"{field}={recorded_config.get(field)!r} (asked {run_config.get(field)!r})"
+            for field in MUST_MATCH
+            if recorded_config.get(field) != run_config.get(field)
+        ]
+        if differences:
+            raise CheckpointMismatchError(
+                f"--workdir {workdir} holds another run ({source} has {', '.join(differences)}); "
+                "pass the same options to resume it, or choose another --workdir"
+            )
+    _check_writable(workdir)
+
+
+def _flat_arrays(tree: Any) -> dict[str, Any]:
+    """{"head.kernel": array, ...}: a plain dict Orbax stores without knowing NNX or optax types."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {_path_name(path): leaf for path, leaf in leaves}
+
+
+def _path_name(path: tuple) -> str:
+    parts = []
+    for key in path:
+        for attribute in ("key", "idx", "name"):
+            if hasattr(key, attribute):
+                parts.append(str(getattr(key, attribute)))
+                break
+    return ".".join(parts)
+
+
+def _unflatten_like(target: Any, flat: dict[str, Any]) -> Any:
+    paths_and_leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
+    return jax.tree_util.tree_unflatten(
+        treedef, [flat[_path_name(path)] for path, _ in paths_and_leaves]
+    )
+
+
+def _abstract(flat: dict[str, Any]) -> dict[str, Any]:
+    return {name: ocp.utils.to_shape_dtype_struct(array) for name, array in flat.items()}
+
+
+class RunCheckpoints:
+    """The Orbax CheckpointManager of one workdir, one step per epoch."""
+
+    def __init__(self, workdir: str | os.PathLike, *, read_only: bool = False):
+        self.directory = pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
+        best = dict(best_fn=lambda metrics: metrics["test_accuracy"], best_mode="max")
+        if read_only:
+            options = ocp.CheckpointManagerOptions(read_only=True, **best)
+        else:
+            options = ocp.CheckpointManagerOptions(
+                **best,
+                preservation_policy=checkpoint_managers.AnyPreservationPolicy(
+                    [
+                        checkpoint_managers.LatestN(n=KEEP_LATEST),
+                        checkpoint_managers.BestN(
+                            get_metric_fn=lambda metrics: metrics["test_accuracy"], n=1
+                        ),
+                    ]
+                ),
+                # One save per epoch: writing synchronously keeps "saved" meaning "on disk" when
+                # Ctrl-C arrives.
+                enable_async_checkpointing=False,
+            )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_epoch(self) -> int | None:
+        return self.manager.latest_step()
+
+    def best_epoch(self) -> int | None:
+        """The kept epoch with the highest test accuracy (the latest of equals)."""
+        return self.manager.best_step()
+
+    def save(
+        self,
+        epoch: int,
+        *,
+        trainable: Any,
+        optimizer: Any,
+        data_seed: int,
+        run_config: dict,
+        history: list[dict],
+    ) -> None:
+        """Writes epoch `epoch` (its record must be the last of `history`) and prunes old ones."""
+        test_accuracy = history[-1]["test_accuracy"]
+        meta = {
+            "epoch": epoch,
+            "data_seed": data_seed,
+            "test_accuracy": test_accuracy,
+            "config": run_config,
+            "history": history,
+        }
+        self.manager.save(
+            epoch,
+            args=ocp.args.Composite(
+                trainable=ocp.args.StandardSave(_flat_arrays(trainable)),
+                optimizer=ocp.args.StandardSave(_flat_arrays(optimizer)),
+                meta=ocp.args.JsonSave(meta),
+            ),
+            metrics={"test_accuracy": test_accuracy},
+        )
+        self.manager.wait_until_finished()
+
+    def run_meta(self, epoch: int) -> dict:
+        return self.manager.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+            "meta"
+        ]
+
+    def run_config(self, epoch: int) -> dict:
+        return self.run_meta(epoch)["config"]
+
+    def restore(self, epoch: int, *, trainable: Any, optimizer: Any | None = None) -> Restored:
+        """Reads epoch `epoch` into trees shaped like `trainable` (and `optimizer`, when given)."""
+        items = {
+            "meta": ocp.args.JsonRestore(),
+            "trainable": ocp.args.StandardRestore(_abstract(_flat_arrays(trainable))),
+        }
+        if optimizer is not None:
+            items["optimizer"] = ocp.args.StandardRestore(_abstract(_flat_arrays(optimizer)))
+        try:
+            restored = self.manager.restore(epoch, args=ocp.args.Composite(**items))
+        except (ValueError, KeyError, FileNotFoundError) as error:
+            raise CheckpointMismatchError(
+                f"the epoch-{epoch} checkpoint in {self.directory} does not fit this model "
+                f"({str(error).splitlines()[0]}); choose another --workdir"
+            ) from None
+        meta = restored["meta"]
+        return Restored(
+            epoch=meta["epoch"],
+            trainable=_unflatten_like(trainable, restored["trainable"]),
+            optimizer=(
+                _unflatten_like(optimizer, restored["optimizer"]) if optimizer is not None else None
+            ),
+            data_seed=meta["data_seed"],
+            run_config=meta["config"],
+            history=meta["history"],
+        )
+
+    def close(self) -> None:
+        self.manager.close()

@@ -1,0 +1,137 @@
+"""The `mnist-flax` command line: one-line errors with exit status 2, a tfds-mock run, Ctrl-C."""
+
+import functools
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import tensorflow_datasets as tfds
+
+from mnist_flax import cli, input_pipeline
+
+TINY = ["--image-size", "32", "--alpha", "0.35", "--weights", "none", "--batch-size", "8"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--epochs", "0"], "error: --epochs must be at least 1, got 0"),
+        (["--batch-size", "0"], "error: --batch-size must be at least 1, got 0"),
+        (
+            ["--image-size", "31"],
+            "error: --image-size must be at least 32 (MobileNetV2's smallest input), got 31",
+        ),
+        (["--learning-rate", "0"], "error: --learning-rate must be positive, got 0.0"),
+        (["--learning-rate=-1e-3"], "error: --learning-rate must be positive, got -0.001"),
+        (
+            ["--epochs", "ten"],
+            "error: argument --epochs: invalid int value: 'ten' (see mnist-flax train --help)",
+        ),
+    ],
+)
+def test_invalid_flags_give_one_error_line_and_status_2(flags, message, capsys, tmp_path):
+    status = cli.main(["train", "--workdir", str(tmp_path / "run"), *flags])
+    captured = capsys.readouterr()
+    assert status == 2
+    assert captured.err == message + "\n"
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_invalid_choice_names_the_flag(capsys):
+    assert cli.main(["train", "--dtype", "float16"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: argument --dtype: invalid choice: 'float16'")
+    assert err.endswith("(see mnist-flax train --help)\n") and err.count("\n") == 1
+
+
+def test_library_input_errors_are_one_line(capsys, tmp_path):
+    status = cli.main(["train", "--data-dir", str(tmp_path / "missing"), *TINY])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "missing" in err
+
+    status = cli.main(["evaluate", "--workdir", str(tmp_path)])
+    assert status == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path} holds no checkpoint")
+
+
+def test_python_dash_m_prints_no_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "mnist_flax", "train", "--batch-size", "0"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == "error: --batch-size must be at least 1, got 0"
+    assert "Traceback" not in result.stderr
+
+
+def write_tfds_metadata(tfds_dir: pathlib.Path, name: str, num_examples: int) -> None:
+    """What a prepared tfds data dir holds besides the records, for `mock_data` to serve records."""
+    builder = tfds.builder(name, data_dir=tfds_dir)
+    builder.info.set_splits(
+        tfds.core.SplitDict(
+            [
+                tfds.core.SplitInfo(name=split, shard_lengths=[num_examples], num_bytes=0)
+                for split in ("train", "test")
+            ]
+        )
+    )
+    os.makedirs(builder.data_dir)
+    builder.info.write_to_directory(builder.data_dir)
+
+
+def test_train_on_tfds_mock_data_then_evaluate(tmp_path, monkeypatch, capsys):
+    write_tfds_metadata(tmp_path / "tfds", "mnist", num_examples=24)
+    # What TFDS_DATA_DIR does for a user (tfds reads that variable once, at import).
+    monkeypatch.setattr(
+        input_pipeline,
+        "load_split",
+        functools.partial(input_pipeline.load_split, tfds_data_dir=tmp_path / "tfds"),
+    )
+    workdir = tmp_path / "run"
+    with tfds.testing.mock_data(num_examples=24, data_dir=tmp_path / "tfds"):
+        status = cli.main(["train", *TINY, "--epochs", "1", "--quiet", "--workdir", str(workdir)])
+        assert status == 0, capsys.readouterr().err
+        assert "epoch 1/1" in capsys.readouterr().out
+        assert cli.main(["evaluate", "--workdir", str(workdir)]) == 0
+    assert "test accuracy" in capsys.readouterr().out
+    for name in ("history.json", "curves.png", "confusion.png", "misclassified.png"):
+        assert (workdir / name).is_file()
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_after_a_saved_epoch_and_the_next_run_resumes(tmp_path):
+    """A real SIGINT to `python -m mnist_flax train`, then the same command again."""
+    from test_checkpoints import block_digits, write_idx
+
+    write_idx(tmp_path / "idx", "train", *block_digits(2000, seed=0))
+    write_idx(tmp_path / "idx", "t10k", *block_digits(16, seed=1))
+    command = [
+        sys.executable, "-m", "mnist_flax", "train", *TINY, "--epochs", "3", "--quiet",
+        "--data-dir", str(tmp_path / "idx"), "--workdir", str(tmp_path / "run"),
+    ]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    history = tmp_path / "run" / "history.json"
+    deadline = time.monotonic() + 240
+    while not history.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    assert history.exists(), process.communicate()
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    saved = len(json.loads(history.read_text())["epochs"])
+    assert saved < 3
+    assert f"interrupted during epoch {saved + 1}" in out and "run the same command again" in out
+
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert f"resuming from the epoch-{saved} checkpoint" in result.stdout
+    assert "epoch 3/3" in result.stdout

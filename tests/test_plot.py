@@ -1,0 +1,82 @@
+"""scripts/plot.py and the figures of `mnist_flax.plotting`."""
+
+import json
+import pathlib
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mnist_flax import plotting
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def png_size(path: pathlib.Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", data[16:24])  # IHDR width, height
+
+
+def write_history(path: pathlib.Path, epochs: int = 3) -> None:
+    records = [
+        {
+            "epoch": epoch,
+            "train_loss": 1.0 / epoch,
+            "train_accuracy": 0.8 + 0.05 * epoch,
+            "test_loss": 1.1 / epoch,
+            "test_accuracy": 0.78 + 0.05 * epoch,
+            "seconds": 1.0,
+        }
+        for epoch in range(1, epochs + 1)
+    ]
+    config = {"dataset": "mnist", "alpha": 1.0, "image_size": 224, "weights": "imagenet"}
+    path.write_text(json.dumps({"config": config, "epochs": records}))
+
+
+def test_plot_script_writes_an_800x800_png(tmp_path):
+    write_history(tmp_path / "history.json")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "plot.py"), str(tmp_path / "history.json"),
+         "-o", str(tmp_path / "out.png")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert png_size(tmp_path / "out.png") == (800, 800)
+
+    # A workdir works too, and the default output is its curves.png.
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "plot.py"), str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert png_size(tmp_path / "curves.png") == (800, 800)
+
+
+def test_plot_script_reports_a_missing_history(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "plot.py"), str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert (
+        result.stderr
+        == f"error: {tmp_path / 'history.json'} does not exist; give a workdir or its history.json\n"
+    )
+
+
+def test_an_empty_history_is_refused(tmp_path):
+    with pytest.raises(plotting.HistoryError, match="no epochs"):
+        plotting.plot_history({"config": {}, "epochs": []}, tmp_path / "c.png")
+    assert not (tmp_path / "c.png").exists()
+
+
+def test_confusion_and_misclassified_figures(tmp_path):
+    confusion = np.diag(np.full(10, 5)) + 1
+    plotting.plot_confusion(confusion, tmp_path / "confusion.png")
+    assert png_size(tmp_path / "confusion.png") == (700, 600)
+    digits = [np.full((28, 28, 1), 200, np.uint8), np.zeros((32, 32, 3), np.float32)]
+    plotting.plot_misclassified(digits, [3, 5], [8, 6], tmp_path / "misclassified.png")
+    assert png_size(tmp_path / "misclassified.png") == (800, 180)

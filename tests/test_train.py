@@ -1,0 +1,187 @@
+"""The classifier, the freeze labels and the jitted steps, on tiny synthetic batches (no input pipeline)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mnist_flax import train
+
+IMAGE_SIZE = 32
+BATCH = 8
+
+
+def tiny_model(num_classes: int = 4, *, dtype: str = "float32") -> train.TransferClassifier:
+    config = train.TrainConfig(image_size=IMAGE_SIZE, alpha=0.35, weights="none", dtype=dtype)
+    return train.create_model(config, num_classes)
+
+
+def he_initialise_backbone(model: train.TransferClassifier, seed: int = 0) -> None:
+    """Gives the random backbone informative features.
+
+    Keras' (and our) random MobileNetV2 uses Glorot-uniform kernels; with BatchNorm frozen at its
+    initial statistics the activations shrink by orders of magnitude per block (1e-11 at the
+    pooled output), so a head on top has nothing to learn from. He-normal kernels with the true
+    fan-in (3x3 for a depthwise kernel) keep the activations near unit scale.
+    """
+    key = jax.random.key(seed)
+    for path, variable in nnx.to_flat_state(nnx.state(model.backbone, nnx.Param)):
+        if path[-1] != "kernel":
+            continue
+        kh, kw, cin, _ = variable.shape
+        fan_in = kh * kw if "depthwise" in path else kh * kw * cin
+        key, subkey = jax.random.split(key)
+        variable.set_value(jax.random.normal(subkey, variable.shape) * np.sqrt(2.0 / fan_in))
+
+
+def quadrant_batches(num_examples: int, seed: int) -> list[dict[str, np.ndarray]]:
+    """A learnable task: class k lights up quadrant k of a noisy dark image."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 4, num_examples).astype(np.int32)
+    images = np.full((num_examples, IMAGE_SIZE, IMAGE_SIZE, 3), -1.0, np.float32)
+    half = IMAGE_SIZE // 2
+    for image, label in zip(images, labels, strict=True):
+        row, column = divmod(int(label), 2)
+        image[row * half : (row + 1) * half, column * half : (column + 1) * half] = 1.0
+    images += rng.normal(0, 0.2, images.shape).astype(np.float32)
+    return [
+        {
+            "image": images[i : i + BATCH],
+            "label": labels[i : i + BATCH],
+            "mask": np.ones(BATCH, bool),
+        }
+        for i in range(0, num_examples, BATCH)
+    ]
+
+
+def raw_bits(tree) -> list[np.ndarray]:
+    return [np.asarray(leaf).view(np.uint8).copy() for leaf in jax.tree.leaves(tree)]
+
+
+def test_freeze_labels_label_backbone_frozen_and_head_trainable():
+    model = tiny_model()
+    labels = nnx.to_flat_state(train.freeze_labels(model))
+    by_module = {
+        (path[0], label) for path, label in labels
+    }  # every backbone param frozen, every head param trainable
+    assert by_module == {("backbone", train.FROZEN), ("head", train.TRAINABLE)}
+    assert len(labels) == len(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    assert sorted(path for path, label in labels if label == train.TRAINABLE) == [
+        ("head", "bias"),
+        ("head", "kernel"),
+    ]
+
+
+def test_a_parameter_outside_backbone_and_head_is_refused():
+    model = tiny_model()
+    model.temperature = nnx.Param(jnp.ones(()))
+    with pytest.raises(AssertionError, match="temperature"):
+        train.make_optimizer(model, 1e-3)
+
+
+def test_training_learns_the_head_and_leaves_the_backbone_bit_identical():
+    model = tiny_model()
+    he_initialise_backbone(model)
+    optimizer = train.make_optimizer(model, 1e-2)
+    backbone_before = raw_bits(nnx.state(model.backbone))  # Params and BatchStats
+    head_before = raw_bits(nnx.state(model.head))
+    steps = train.TrainingSteps(model, optimizer, train.make_metrics())
+
+    history = []
+    batches = quadrant_batches(64, seed=0)
+    for _ in range(4):
+        steps.reset_metrics()
+        for batch in batches:
+            steps.train(batch)
+        history.append(steps.metrics())
+    steps.sync()
+
+    assert history[-1]["loss"] < 0.6 * history[0]["loss"], history
+    assert history[-1]["accuracy"] > history[0]["accuracy"] + 0.2, history
+    assert len(nnx.state(model.backbone, nnx.BatchStat)) > 0
+    for before, after in zip(backbone_before, raw_bits(nnx.state(model.backbone)), strict=True):
+        assert np.array_equal(before, after)
+    for before, after in zip(head_before, raw_bits(nnx.state(model.head)), strict=True):
+        assert not np.array_equal(before, after)
+    assert int(optimizer.step[...]) == 4 * len(batches)
+
+
+def test_compiled_train_step_does_not_run_the_backbone_backward_pass():
+    model = tiny_model()
+    steps = train.TrainingSteps(model, train.make_optimizer(model, 1e-3), train.make_metrics())
+    batch = jax.device_put(quadrant_batches(BATCH, seed=0)[0])
+
+    train_flops = steps.train.lower(batch).compile().cost_analysis()["flops"]
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda state, images: nnx.merge(graphdef, state)(images))
+    forward_flops = forward.lower(state, batch["image"]).compile().cost_analysis()["flops"]
+
+    # A backward pass through the backbone would make this about 3x.
+    assert train_flops <= 1.3 * forward_flops, (train_flops, forward_flops)
+
+
+def test_padding_rows_weigh_nothing():
+    """Two batches that differ only in their padded rows give the same update and metrics."""
+    real = quadrant_batches(BATCH, seed=1)[0]
+    mask = np.arange(BATCH) < 5
+    results = []
+    for garbage_seed in (0, 1):
+        rng = np.random.default_rng(garbage_seed)
+        batch = {
+            "image": np.where(
+                mask[:, None, None, None], real["image"], rng.normal(size=real["image"].shape)
+            ).astype(np.float32),
+            "label": np.where(mask, real["label"], rng.integers(0, 4, BATCH)).astype(np.int32),
+            "mask": mask,
+        }
+        model = tiny_model()
+        he_initialise_backbone(model)
+        optimizer = train.make_optimizer(model, 1e-2)
+        metrics = train.make_metrics()
+        train.train_step(model, optimizer, metrics, batch)
+        computed = metrics.compute()
+        results.append(
+            (
+                np.asarray(model.head.kernel[...]),
+                float(computed["loss"]),
+                float(computed["accuracy"]),
+                int(metrics.accuracy.count[...]),
+            )
+        )
+    (kernel_a, loss_a, accuracy_a, count_a), (kernel_b, loss_b, accuracy_b, count_b) = results
+    np.testing.assert_allclose(kernel_a, kernel_b, rtol=1e-6, atol=1e-7)
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)
+    assert accuracy_a == accuracy_b
+    assert count_a == count_b == 5
+
+
+def test_preprocess_on_device_scales_to_minus_one_one_in_rgb():
+    images = np.zeros((2, 28, 28, 1), np.uint8)
+    images[1] = 255
+    out = train.preprocess_on_device(jnp.asarray(images), 40)
+    assert out.shape == (2, 40, 40, 3) and out.dtype == jnp.float32
+    np.testing.assert_allclose(out[0], -1.0, atol=1e-6)
+    np.testing.assert_allclose(out[1], 1.0, atol=1e-6)
+
+
+def test_uint8_batches_are_resized_inside_the_model():
+    model = tiny_model()
+    he_initialise_backbone(model)
+    digits = np.random.default_rng(0).integers(0, 256, (2, 28, 28, 1)).astype(np.uint8)
+    forward = nnx.jit(lambda model, images: model(images))
+    from_uint8 = forward(model, jnp.asarray(digits))
+    from_float = forward(model, train.preprocess_on_device(jnp.asarray(digits), IMAGE_SIZE))
+    # Equal up to XLA fusing the resize into the first convolution differently.
+    np.testing.assert_allclose(np.asarray(from_uint8), np.asarray(from_float), rtol=1e-4, atol=1e-5)
+
+
+def test_bfloat16_backbone_gives_float32_logits_and_float32_params():
+    model = tiny_model(dtype="bfloat16")
+    logits = nnx.jit(lambda model, images: model(images))(
+        model, jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3))
+    )
+    assert logits.dtype == jnp.float32
+    assert {leaf.dtype for leaf in jax.tree.leaves(nnx.state(model, nnx.Param))} == {
+        jnp.dtype(jnp.float32)
+    }
