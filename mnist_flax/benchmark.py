@@ -1,0 +1,835 @@
+"""Throughput benchmark: where the time of a training step goes, and how it compares with Keras.
+
+This module owns the benchmark protocol and its report (a table on stdout, optionally `--json FILE`).
+For every combination of the swept options (`--batch-size`, `--image-size`, `--dtype`, `--depthwise`,
+`--resize`; each takes several values) it measures:
+
+- pipeline: images/s coming out of the tf.data input pipeline alone (`input_pipeline.make_batches`,
+  converted to NumPy as the training loop receives them);
+- step: the compiled train step (`train.TrainingSteps`, what the epoch loop runs) on a batch that
+  already lives on the device: median and 90th-percentile step time and images/s (batch / median);
+  its compile time (trace, lower and XLA compile); and the host overhead per step, the time until
+  the asynchronous call returns (dispatch), as a share of the step time;
+- forward: the classifier's plain forward pass (softmax probabilities), the work of `model.predict`;
+- end-to-end: the pipeline feeding the step, batches copied to the device ahead of the step;
+- with `--keras-baseline`, the tutorial's Keras model (frozen MobileNetV2, GlobalAveragePooling2D,
+  Dense(10, softmax), Adam, categorical cross-entropy) on the same batch: `model.train_on_batch` (the
+  compiled step `model.fit` runs) and `model.predict_on_batch`, with the ratios ours / Keras;
+- with `--measure cache`, two complete `train.train_and_evaluate` runs of `--epochs` epochs on the
+  same small data, with and without `cache_features`, and the ratio of their wall times.
+
+The protocol: every measurement is warmed up first (compilation and tf.data start-up are never
+timed), then all measurements of one batch size and image size, ours and Keras', run in turn,
+repetition after repetition, so that a busy phase of a shared machine slows all of them alike.
+Device work is waited for (`block_until_ready`) before a clock is read; figures are medians.
+
+Data: the IDX files in `--data-dir` (split `--split`), else synthetic 28x28 uint8 images with random
+pixels and labels, written as IDX files to a temporary folder so that both go through the same
+loader. The report says which. Usage (also `python scripts/benchmark.py`):
+
+    python -m mnist_flax.benchmark --batch-size 32 128 --resize host device --json bench.json
+    python -m mnist_flax.benchmark --keras-baseline --weights ../shared/weights/FILE.h5
+    python -m mnist_flax.benchmark --measure cache --data-dir ../shared/data/mnist --split test
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import itertools
+import json
+import math
+import os
+import pathlib
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import tensorflow as tf
+
+from mnist_flax import convert, input_pipeline, train
+from mnist_flax.mobilenet_v2 import resolve_depthwise
+
+MEASUREMENTS = ("pipeline", "step", "forward", "end-to-end", "cache")
+DEFAULT_MEASUREMENTS = ("pipeline", "step", "forward", "end-to-end")
+NUM_CLASSES = 10
+# Synthetic data: enough examples for every measurement's epoch (smaller needs reuse a prefix).
+MIN_SYNTHETIC_EXAMPLES = 1024
+EXIT_USAGE = 2
+
+
+class BenchmarkError(ValueError):
+    """A benchmark option that cannot be honoured; the message names the flag."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One row of the report: a point of the swept options."""
+
+    batch_size: int
+    image_size: int
+    dtype: str
+    depthwise: str
+    resize: str
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing. A measurement is warmed up once, then asked for one repetition at a time.
+
+
+@dataclasses.dataclass
+class StepTimes:
+    """Clock readings of a step called one at a time: when each call returned, when its work was done.
+
+    For an asynchronous (JAX) step the time until the call returns is the host's share of the step:
+    tracing-cache lookup, argument handling and enqueueing. Keras' calls return only when done, so
+    only the total is meaningful there.
+    """
+
+    images_per_step: int
+    asynchronous: bool
+    seconds: list[float] = dataclasses.field(default_factory=list)
+    dispatch_seconds: list[float] = dataclasses.field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        median = float(np.median(self.seconds))
+        result = {
+            "images_per_second": self.images_per_step / median,
+            "median_seconds": median,
+            "p90_seconds": float(np.percentile(self.seconds, 90)),
+            "seconds": self.seconds,
+        }
+        if self.asynchronous:
+            dispatch = float(np.median(self.dispatch_seconds))
+            result |= {"dispatch_median_seconds": dispatch, "dispatch_share": dispatch / median}
+        return result
+
+
+class StepMeasurement:
+    """`steps` calls per repetition, each timed alone: `start()` launches it, `wait(out)` blocks."""
+
+    def __init__(
+        self,
+        start: Callable[[], Any],
+        wait: Callable[[Any], Any],
+        *,
+        images_per_step: int,
+        steps: int,
+        warmup: int,
+        asynchronous: bool,
+    ):
+        self.start, self.wait = start, wait
+        self.steps, self.warmup = steps, warmup
+        self.times = StepTimes(images_per_step, asynchronous)
+
+    def warm_up(self) -> None:
+        for _ in range(self.warmup):
+            self.wait(self.start())
+
+    def repeat(self) -> None:
+        for _ in range(self.steps):
+            began = time.perf_counter()
+            out = self.start()
+            returned = time.perf_counter()
+            self.wait(out)
+            done = time.perf_counter()
+            self.times.seconds.append(done - began)
+            self.times.dispatch_seconds.append(returned - began)
+
+    def summary(self) -> dict[str, Any]:
+        return self.times.summary()
+
+
+class StreamMeasurement:
+    """A stream of batches (the pipeline, or the pipeline feeding the step), one epoch a repetition.
+
+    `run_epoch(epoch)` consumes a fresh epoch (shuffled by its number: 0 for the warm-up, then 1, 2,
+    ...) and returns the seconds its timed batches took;
+    it times everything after the epoch's first batch, so tf.data's start-up (and the shuffle that
+    gathers the split) is excluded like a warm-up.
+    """
+
+    def __init__(self, run_epoch: Callable[[int], float], *, images_per_epoch: int, warmup: int):
+        self.run_epoch = run_epoch
+        self.images_per_epoch, self.warmup = images_per_epoch, warmup
+        self.seconds: list[float] = []
+
+    def warm_up(self) -> None:
+        # One untimed epoch is enough: within an epoch, the first batch is never timed either.
+        if self.warmup > 0:
+            self.run_epoch(0)
+
+    def repeat(self) -> None:
+        self.seconds.append(self.run_epoch(len(self.seconds) + 1))
+
+    def summary(self) -> dict[str, Any]:
+        median = float(np.median(self.seconds))
+        return {
+            "images_per_second": self.images_per_epoch / median,
+            "median_seconds": median,
+            "seconds": self.seconds,
+        }
+
+
+def run_interleaved(measurements: Sequence[StepMeasurement | StreamMeasurement], repeats: int):
+    """Warms every measurement up, then runs `repeats` rounds of one repetition of each, in turn."""
+    for measurement in measurements:
+        measurement.warm_up()
+    for _ in range(repeats):
+        for measurement in measurements:
+            measurement.repeat()
+
+
+# ----------------------------------------------------------------------------------------------
+# Data.
+
+
+def write_idx_split(directory: pathlib.Path, prefix: str, images: np.ndarray, labels: np.ndarray):
+    """Writes `prefix`-images-idx3-ubyte and `prefix`-labels-idx1-ubyte, the classic MNIST format."""
+    num, rows, cols = images.shape[:3]
+    header = np.array([input_pipeline.IDX_IMAGES_MAGIC, num, rows, cols], ">u4").tobytes()
+    (directory / f"{prefix}-images-idx3-ubyte").write_bytes(header + images.tobytes())
+    header = np.array([input_pipeline.IDX_LABELS_MAGIC, num], ">u4").tobytes()
+    (directory / f"{prefix}-labels-idx1-ubyte").write_bytes(
+        header + labels.astype(np.uint8).tobytes()
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSource:
+    data_dir: pathlib.Path
+    split: str
+    description: str
+
+
+@contextlib.contextmanager
+def data_source(args: argparse.Namespace, num_examples: int) -> Iterator[DataSource]:
+    """The `--data-dir` IDX files, or `num_examples` synthetic digits in a temporary IDX folder."""
+    if args.data_dir is not None:
+        yield DataSource(
+            pathlib.Path(args.data_dir), args.split, f"IDX files in {args.data_dir}, {args.split}"
+        )
+        return
+    rng = np.random.default_rng(args.seed)
+    images = rng.integers(0, 256, (num_examples, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, NUM_CLASSES, num_examples).astype(np.uint8)
+    with tempfile.TemporaryDirectory(prefix="mnist_flax_benchmark_") as directory:
+        write_idx_split(pathlib.Path(directory), "train", images, labels)
+        yield DataSource(
+            pathlib.Path(directory),
+            "train",
+            f"synthetic: {num_examples} random 28x28 uint8 images (no --data-dir)",
+        )
+
+
+def exact_size(split: input_pipeline.Split, num_examples: int) -> input_pipeline.Split:
+    """`split` cut to, or repeated up to, exactly `num_examples` examples."""
+    repeats = math.ceil(num_examples / split.num_examples)
+    return input_pipeline.Split(
+        examples=split.examples.repeat(repeats).take(num_examples),
+        num_examples=num_examples,
+        num_classes=split.num_classes,
+        name=split.name,
+        max_process_examples=num_examples,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Our side: the training code's own model, optimizer and compiled steps.
+
+
+class OurRun:
+    """The train step, forward pass, pipeline and end-to-end loop of one variant.
+
+    With `build_model` False (only the pipeline is measured) no model is built or compiled.
+    """
+
+    def __init__(
+        self,
+        variant: Variant,
+        args: argparse.Namespace,
+        split: input_pipeline.Split,
+        weights: str,
+        build_model: bool,
+    ):
+        self.variant, self.split = variant, split
+        self.config = train.TrainConfig(
+            image_size=variant.image_size,
+            batch_size=variant.batch_size,
+            learning_rate=args.learning_rate,
+            seed=args.seed,
+            alpha=args.alpha,
+            weights=weights,
+            depthwise=variant.depthwise,
+            dtype=variant.dtype,
+            resize=variant.resize,
+        )
+        self.config.validate()
+        self.compile_seconds = None
+        if not build_model:
+            return
+        model = train.create_model(self.config, NUM_CLASSES)
+        self.steps = train.TrainingSteps(
+            model, train.make_optimizer(model, args.learning_rate), train.make_metrics()
+        )
+        self.forward = self.steps.compiled.jit(
+            lambda model, _, __, images: jax.nn.softmax(model(images)), donate=False
+        )
+        first_batch = next(
+            self.batches(exact_size(split, variant.batch_size), 0).as_numpy_iterator()
+        )
+        self.batch = jax.device_put(first_batch)
+        began = time.perf_counter()
+        # Compiles into jit's cache: the first timed call finds the executable.
+        self.steps.train.lower(self.batch).compile()
+        self.compile_seconds = time.perf_counter() - began
+
+    def batches(self, split: input_pipeline.Split, epoch: int) -> tf.data.Dataset:
+        return input_pipeline.make_batches(
+            split,
+            batch_size=self.variant.batch_size,
+            image_size=self.variant.image_size,
+            shuffle_seed=input_pipeline.epoch_seed(self.config.seed, epoch),
+            resize=self.variant.resize,
+        )
+
+    def wait_for_state(self, _=None) -> None:
+        jax.block_until_ready(self.steps.compiled.state)
+
+    def step_measurement(self, args: argparse.Namespace) -> StepMeasurement:
+        return StepMeasurement(
+            lambda: self.steps.train(self.batch),
+            self.wait_for_state,
+            images_per_step=self.variant.batch_size,
+            steps=args.steps,
+            warmup=args.warmup,
+            asynchronous=True,
+        )
+
+    def forward_measurement(self, args: argparse.Namespace) -> StepMeasurement:
+        return StepMeasurement(
+            lambda: self.forward(self.batch["image"]),
+            lambda probabilities: probabilities.block_until_ready(),
+            images_per_step=self.variant.batch_size,
+            steps=args.steps,
+            warmup=args.warmup,
+            asynchronous=True,
+        )
+
+    def pipeline_measurement(self, args: argparse.Namespace) -> StreamMeasurement:
+        timed_batches = args.pipeline_batches
+        split = exact_size(self.split, (timed_batches + 1) * self.variant.batch_size)
+
+        def run_epoch(epoch: int) -> float:
+            batches = self.batches(split, epoch).as_numpy_iterator()
+            next(batches)
+            began = time.perf_counter()
+            for _ in batches:
+                pass
+            return time.perf_counter() - began
+
+        return StreamMeasurement(
+            run_epoch, images_per_epoch=timed_batches * self.variant.batch_size, warmup=args.warmup
+        )
+
+    def end_to_end_measurement(self, args: argparse.Namespace) -> StreamMeasurement:
+        split = exact_size(self.split, (args.steps + 1) * self.variant.batch_size)
+
+        def run_epoch(epoch: int) -> float:
+            batches = train._prefetch_to_device(self.batches(split, epoch).as_numpy_iterator())
+            self.steps.train(next(batches))
+            self.wait_for_state()
+            began = time.perf_counter()
+            for batch in batches:
+                self.steps.train(batch)
+            self.wait_for_state()
+            return time.perf_counter() - began
+
+        return StreamMeasurement(
+            run_epoch, images_per_epoch=args.steps * self.variant.batch_size, warmup=args.warmup
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# The Keras side: the tutorial's model, run the way `model.fit` and `model.predict` run it.
+
+
+def keras_classifier(alpha: float, image_size: int, weights_file: str | None, seed: int):
+    """MobileNetV2(include_top=False) frozen, GlobalAveragePooling2D, Dense(10, softmax), compiled."""
+    import keras  # only with --keras-baseline: the project itself never needs Keras
+
+    keras.utils.set_random_seed(seed)
+    backbone = keras.applications.MobileNetV2(
+        input_shape=(image_size, image_size, 3),
+        alpha=alpha,
+        include_top=False,
+        weights=weights_file,
+    )
+    backbone.trainable = False
+    model = keras.Sequential(
+        [
+            keras.Input((image_size, image_size, 3)),
+            backbone,
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(NUM_CLASSES, activation="softmax"),
+        ]
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(), loss="categorical_crossentropy", metrics=["accuracy"]
+    )
+    return model
+
+
+class KerasRun:
+    """Keras' train step and forward pass on one batch (the tf.data host-resized images)."""
+
+    def __init__(
+        self,
+        batch_size: int,
+        image_size: int,
+        args: argparse.Namespace,
+        split: input_pipeline.Split,
+        weights_file: str | None,
+    ):
+        self.batch_size = batch_size
+        self.model = keras_classifier(args.alpha, image_size, weights_file, args.seed)
+        raw = next(iter(exact_size(split, batch_size).examples.batch(batch_size)))
+        self.images = input_pipeline.preprocess_images(raw["image"], image_size)
+        self.labels = tf.one_hot(raw["label"], NUM_CLASSES)
+
+    def step_measurement(self, args: argparse.Namespace) -> StepMeasurement:
+        return StepMeasurement(
+            lambda: self.model.train_on_batch(self.images, self.labels),
+            lambda _: None,
+            images_per_step=self.batch_size,
+            steps=args.steps,
+            warmup=args.warmup,
+            asynchronous=False,
+        )
+
+    def forward_measurement(self, args: argparse.Namespace) -> StepMeasurement:
+        return StepMeasurement(
+            lambda: self.model.predict_on_batch(self.images),
+            lambda _: None,
+            images_per_step=self.batch_size,
+            steps=args.steps,
+            warmup=args.warmup,
+            asynchronous=False,
+        )
+
+
+def resolve_weights(weights: str, alpha: float, image_size: int) -> str:
+    """What `--weights` names, as both sides load it: "none", or a file or converted directory.
+
+    "imagenet" becomes the official Keras file (from the Keras cache, else downloaded; offline, the
+    error says where to put it), so that Keras and this project load the very same arrays.
+    """
+    if weights == "none":
+        return weights
+    if weights == "imagenet":
+        rows = convert.imagenet_rows((image_size, image_size, 3))
+        return str(convert.imagenet_weights_path(alpha, False, rows))
+    if not pathlib.Path(weights).exists():
+        raise BenchmarkError(f"--weights {weights}: no such file; pass imagenet, none or a path")
+    return weights
+
+
+def keras_weights_file(weights: str) -> str | None:
+    """`weights` (resolved) as `keras.applications.MobileNetV2(weights=...)` takes it."""
+    if weights == "none":
+        return None
+    if pathlib.Path(weights).is_dir():
+        raise BenchmarkError(
+            f"--keras-baseline: Keras cannot load the converted directory {weights}; "
+            "pass --weights imagenet, none or an H5 file"
+        )
+    return weights
+
+
+# ----------------------------------------------------------------------------------------------
+# One group: every variant of one batch size and image size, measured interleaved.
+
+
+def measure_group(
+    variants: list[Variant], args: argparse.Namespace, data: DataSource
+) -> tuple[list[dict], dict | None]:
+    """The rows of `variants` (same batch size and image size) and, with the baseline, Keras' row."""
+    batch_size, image_size = variants[0].batch_size, variants[0].image_size
+    split = input_pipeline.load_split("mnist", data.split, data_dir=data.data_dir)
+    build_model = bool({"step", "forward", "end-to-end"} & set(args.measure))
+    # The pipeline alone needs no weights (and so no download).
+    weights = resolve_weights(args.weights, args.alpha, image_size) if build_model else "none"
+    keras_run = None
+    if args.keras_baseline and {"step", "forward"} & set(args.measure):
+        print(f"building the Keras model ({batch_size} x {image_size}x{image_size})", flush=True)
+        keras_run = KerasRun(batch_size, image_size, args, split, keras_weights_file(weights))
+
+    measured: list[tuple[dict, str, StepMeasurement | StreamMeasurement]] = []
+    rows = []
+    for variant in variants:
+        print(f"{'compiling' if build_model else 'preparing'} {describe(variant)}", flush=True)
+        ours = OurRun(variant, args, split, weights, build_model)
+        row: dict[str, Any] = dataclasses.asdict(variant)
+        if ours.compile_seconds is not None:
+            row["compile_seconds"] = ours.compile_seconds
+        if variant.depthwise == "auto":
+            row["depthwise"] = f"auto={resolve_depthwise('auto')}"
+        builders = {
+            "pipeline": ours.pipeline_measurement,
+            "step": ours.step_measurement,
+            "forward": ours.forward_measurement,
+            "end-to-end": ours.end_to_end_measurement,
+        }
+        for name, build in builders.items():
+            if name in args.measure:
+                measured.append((row, name, build(args)))
+        rows.append(row)
+    keras_row = None
+    if keras_run is not None:
+        keras_row = {"batch_size": batch_size, "image_size": image_size}
+        for name, build in (
+            ("step", keras_run.step_measurement),
+            ("forward", keras_run.forward_measurement),
+        ):
+            if name in args.measure:
+                measured.append((keras_row, name, build(args)))
+
+    print(f"timing {len(measured)} measurements x {args.repeats} repetitions", flush=True)
+    run_interleaved([measurement for _, _, measurement in measured], args.repeats)
+    for row, name, measurement in measured:
+        row[name] = measurement.summary()
+    if keras_row is not None:
+        for row in rows:
+            row["ours_over_keras"] = {
+                name: row[name]["images_per_second"] / keras_row[name]["images_per_second"]
+                for name in ("step", "forward")
+                if name in keras_row
+            }
+    return rows, keras_row
+
+
+def describe(variant: Variant) -> str:
+    return (
+        f"batch {variant.batch_size}, {variant.image_size}x{variant.image_size}, {variant.dtype}, "
+        f"depthwise {variant.depthwise}, resize {variant.resize}"
+    )
+
+
+def resize_comparisons(rows: list[dict]) -> list[dict]:
+    """For variants that differ only in --resize: device / host images/s of pipeline and end to end."""
+    comparisons = []
+    key_fields = ("batch_size", "image_size", "dtype", "depthwise")
+    by_key = {(tuple(row[f] for f in key_fields), row["resize"]): row for row in rows}
+    for (key, resize), device in by_key.items():
+        host = by_key.get((key, "host"))
+        if resize != "device" or host is None:
+            continue
+        comparison = dict(zip(key_fields, key, strict=True))
+        for name in ("pipeline", "end-to-end"):
+            if name in device and name in host:
+                comparison[f"{name}_device_over_host"] = (
+                    device[name]["images_per_second"] / host[name]["images_per_second"]
+                )
+        comparisons.append(comparison)
+    return comparisons
+
+
+# ----------------------------------------------------------------------------------------------
+# Feature caching: whole training runs, with and without.
+
+
+def measure_cache(args: argparse.Namespace, data: DataSource) -> dict:
+    """Wall time of `train_and_evaluate` for `--epochs` epochs without and with cache_features."""
+    train_examples, test_examples = args.cache_examples
+    base = data.split.split("[")[0]
+    config = train.TrainConfig(
+        dataset="mnist",
+        data_dir=str(data.data_dir),
+        train_split=f"{base}[:{train_examples}]",
+        test_split=f"{base}[{train_examples}:{train_examples + test_examples}]",
+        image_size=args.image_size[0],
+        batch_size=args.batch_size[0],
+        epochs=args.epochs,
+        learning_rate=args.learning_rate,
+        seed=args.seed,
+        alpha=args.alpha,
+        weights=resolve_weights(args.weights, args.alpha, args.image_size[0]),
+        depthwise=args.depthwise[0],
+        dtype=args.dtype[0],
+        resize=args.resize[0],
+        quiet=True,
+    )
+    seconds: dict[bool, list[float]] = {False: [], True: []}
+    epoch_seconds: dict[bool, list[float]] = {False: [], True: []}
+    histories: dict[bool, list[dict]] = {}
+    for _ in range(args.cache_repeats):
+        for cache in (False, True):
+            print(f"training {args.epochs} epochs, cache_features={cache}", flush=True)
+            with tempfile.TemporaryDirectory(prefix="mnist_flax_benchmark_run_") as workdir:
+                run = dataclasses.replace(config, cache_features=cache, workdir=workdir)
+                began = time.perf_counter()
+                histories[cache] = train.train_and_evaluate(run)["epochs"]
+                seconds[cache].append(time.perf_counter() - began)
+                epoch_seconds[cache].append(sum(record["seconds"] for record in histories[cache]))
+    without, with_cache = (float(np.median(seconds[cache])) for cache in (False, True))
+    differences = [
+        abs(a[key] - b[key])
+        for a, b in zip(histories[False], histories[True], strict=True)
+        for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy")
+    ]
+    return {
+        "epochs": args.epochs,
+        "train_split": config.train_split,
+        "test_split": config.test_split,
+        "batch_size": config.batch_size,
+        "image_size": config.image_size,
+        # seconds: whole runs (model build, compilation, caching, checkpoints, plots included);
+        # epoch_seconds: the epochs alone, as the history records them.
+        "without_cache": {
+            "median_seconds": without,
+            "seconds": seconds[False],
+            "epoch_seconds": epoch_seconds[False],
+        },
+        "with_cache": {
+            "median_seconds": with_cache,
+            "seconds": seconds[True],
+            "epoch_seconds": epoch_seconds[True],
+        },
+        "speedup": without / with_cache,
+        "history_max_abs_difference": max(differences),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# The report.
+
+
+def environment() -> dict[str, Any]:
+    device = jax.devices()[0]
+    return {
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "device": getattr(device, "device_kind", str(device)),
+        "device_count": jax.device_count(),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+    }
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1e3
+
+
+def _percent(share: float | None) -> float | None:
+    return None if share is None else share * 100
+
+
+# (heading, unit, what it shows): one column of the table each.
+COLUMNS: tuple[tuple[str, str, Callable[[dict], float | None]], ...] = (
+    ("pipeline", "img/s", lambda row: row.get("pipeline", {}).get("images_per_second")),
+    ("step", "img/s", lambda row: row.get("step", {}).get("images_per_second")),
+    ("step", "ms med", lambda row: _ms(row.get("step", {}).get("median_seconds"))),
+    ("step", "ms p90", lambda row: _ms(row.get("step", {}).get("p90_seconds"))),
+    ("forward", "img/s", lambda row: row.get("forward", {}).get("images_per_second")),
+    ("end2end", "img/s", lambda row: row.get("end-to-end", {}).get("images_per_second")),
+    ("compile", "s", lambda row: row.get("compile_seconds")),
+    ("dispatch", "% step", lambda row: _percent(row.get("step", {}).get("dispatch_share"))),
+)
+
+
+def _table(rows: list[dict], keras_rows: list[dict]) -> list[str]:
+    def cells(row: dict, who: str) -> str:
+        settings = (
+            f"{who:5} {row['batch_size']:>5} {row['image_size']:>4} {row.get('dtype', 'float32'):8} "
+            f"{row.get('depthwise', '-'):10} {row.get('resize', 'host'):6}"
+        )
+        values = (column(row) for _, _, column in COLUMNS)
+        return settings + "".join("        -" if v is None else f"{v:9.1f}" for v in values)
+
+    lines = [
+        f"{'':5} {'batch':>5} {'size':>4} {'dtype':8} {'depthwise':10} {'resize':6}"
+        + "".join(f"{heading:>9}" for heading, _, _ in COLUMNS),
+        f"{'':42}" + "".join(f"{unit:>9}" for _, unit, _ in COLUMNS),
+    ]
+    lines += [cells(row, "ours") for row in rows]
+    lines += [cells(row, "keras") for row in keras_rows]
+    return lines
+
+
+def _label(row: dict) -> str:
+    size = row["image_size"]
+    return f"batch {row['batch_size']} {size}x{size} {row['dtype']} depthwise {row['depthwise']}"
+
+
+def format_report(results: dict) -> str:
+    """The human-readable report of `results` (what `main` returns)."""
+    env, load = results["environment"], results["load_average"]
+    lines = [
+        f"data: {results['data']}",
+        f"jax {env['jax']} on {env['backend']} ({env['device']} x{env['device_count']}), "
+        f"{env['cpu_count']} CPUs, load average {load['start']} at start, {load['end']} at end",
+    ]
+    if results["rows"]:
+        lines += ["", *_table(results["rows"], results["keras"]), ""]
+    for row in results["rows"]:
+        if "ours_over_keras" in row:
+            ratios = ", ".join(f"{k} {v:.2f}x" for k, v in row["ours_over_keras"].items())
+            lines.append(f"ours / keras, {_label(row)} {row['resize']} resize: {ratios}")
+    for comparison in results["resize_comparisons"]:
+        ratios = ", ".join(
+            f"{name.removesuffix('_device_over_host')} {value:.2f}x"
+            for name, value in comparison.items()
+            if name.endswith("_device_over_host")
+        )
+        lines.append(f"--resize device / host, {_label(comparison)}: {ratios}")
+    if "cache" in results:
+        cache = results["cache"]
+        size = cache["image_size"]
+        lines.append(
+            f"feature caching, {cache['epochs']} epochs on {cache['train_split']} / "
+            f"{cache['test_split']}, batch {cache['batch_size']}, {size}x{size}: "
+            f"{cache['without_cache']['median_seconds']:.1f} s without, "
+            f"{cache['with_cache']['median_seconds']:.1f} s with, speed-up {cache['speedup']:.2f}x "
+            f"(epochs alone: {cache['without_cache']['epoch_seconds'][-1]:.1f} s and "
+            f"{cache['with_cache']['epoch_seconds'][-1]:.1f} s; histories differ by at most "
+            f"{cache['history_max_abs_difference']:.2g})"
+        )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line.
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m mnist_flax.benchmark",
+        description="Throughput of the input pipeline, the compiled train step and both together, "
+        "optionally against Keras; swept options take several values.",
+    )
+    sweep = parser.add_argument_group("swept options (every combination is one row)")
+    sweep.add_argument("--batch-size", type=int, nargs="+", default=[32])
+    sweep.add_argument("--image-size", type=int, nargs="+", default=[224])
+    sweep.add_argument("--dtype", nargs="+", choices=("float32", "bfloat16"), default=["float32"])
+    sweep.add_argument("--depthwise", nargs="+", choices=("auto", "conv", "taps"), default=["auto"])
+    sweep.add_argument("--resize", nargs="+", choices=("host", "device"), default=["host"])
+    model = parser.add_argument_group("model and data")
+    model.add_argument("--alpha", type=float, default=1.0, help="MobileNetV2 width multiplier")
+    model.add_argument(
+        "--weights",
+        default="imagenet",
+        help="imagenet (Keras cache or download), none (random), or PATH.h5 (default: imagenet)",
+    )
+    model.add_argument("--data-dir", help="MNIST IDX files; default: synthetic digits")
+    model.add_argument(
+        "--split", default="train", help="split of --data-dir to read, e.g. test (default: train)"
+    )
+    model.add_argument("--learning-rate", type=float, default=1e-3)
+    model.add_argument("--seed", type=int, default=0)
+    protocol = parser.add_argument_group("protocol")
+    protocol.add_argument(
+        "--measure",
+        nargs="+",
+        choices=MEASUREMENTS,
+        default=list(DEFAULT_MEASUREMENTS),
+        help=f"what to measure (default: {' '.join(DEFAULT_MEASUREMENTS)})",
+    )
+    protocol.add_argument("--keras-baseline", action="store_true", help="also time Keras/TF")
+    protocol.add_argument("--steps", type=int, default=10, help="timed steps a repetition (10)")
+    protocol.add_argument("--repeats", type=int, default=5, help="timed repetitions (5)")
+    protocol.add_argument("--warmup", type=int, default=2, help="untimed steps first (2)")
+    protocol.add_argument(
+        "--pipeline-batches", type=int, default=50, help="timed batches a pipeline epoch (50)"
+    )
+    cache = parser.add_argument_group(
+        "--measure cache",
+        "two train_and_evaluate runs, with and without cache_features, on the first value of "
+        "each swept option",
+    )
+    cache.add_argument("--epochs", type=int, default=10, help="epochs of each run (10)")
+    cache.add_argument(
+        "--cache-examples",
+        type=int,
+        nargs=2,
+        default=[512, 128],
+        metavar=("TRAIN", "TEST"),
+        help="train and test examples, taken from the start of --split (512 128)",
+    )
+    cache.add_argument("--cache-repeats", type=int, default=1, help="runs each way (1)")
+    parser.add_argument("--json", type=pathlib.Path, help="also write the results to this file")
+    return parser
+
+
+def _check(args: argparse.Namespace) -> None:
+    for flag in ("steps", "repeats", "pipeline_batches", "epochs", "cache_repeats"):
+        if getattr(args, flag) < 1:
+            raise BenchmarkError(f"--{flag.replace('_', '-')} must be at least 1")
+    if min(args.cache_examples) < 1:
+        raise BenchmarkError("--cache-examples needs at least one train and one test example")
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Measures what `args` asks for; returns the results (the JSON file's content)."""
+    _check(args)
+    load_start = [round(load, 2) for load in os.getloadavg()]
+    variants = [
+        Variant(*values)
+        for values in itertools.product(
+            args.batch_size, args.image_size, args.dtype, args.depthwise, args.resize
+        )
+    ]
+    largest_epoch = (max(args.pipeline_batches, args.steps) + 1) * max(args.batch_size)
+    synthetic_examples = max(MIN_SYNTHETIC_EXAMPLES, largest_epoch, sum(args.cache_examples))
+    results: dict[str, Any] = {"environment": environment(), "options": vars(args) | {"json": None}}
+    results["rows"], results["keras"] = [], []
+    with data_source(args, synthetic_examples) as data:
+        results["data"] = data.description
+        if set(args.measure) - {"cache"}:
+            groups = itertools.groupby(variants, key=lambda v: (v.batch_size, v.image_size))
+            for _, group in groups:
+                rows, keras_row = measure_group(list(group), args, data)
+                results["rows"] += rows
+                results["keras"] += [keras_row] if keras_row else []
+        if "cache" in args.measure:
+            results["cache"] = measure_cache(args, data)
+    results["resize_comparisons"] = resize_comparisons(results["rows"])
+    results["load_average"] = {
+        "start": load_start,
+        "end": [round(load, 2) for load in os.getloadavg()],
+    }
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Runs the benchmark, prints its table (and writes `--json`); returns the results.
+
+    A bad option or missing file prints `error: ...` and exits with status 2, like the CLI.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        results = run(args)
+    except ValueError as error:
+        # The project's own ValueErrors are input problems with a one-line message; any other
+        # ValueError is a bug and keeps its traceback.
+        ours = isinstance(error, BenchmarkError) or type(error).__module__.startswith("mnist_flax")
+        if not ours:
+            raise
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
+    print(format_report(results))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""The benchmark: its protocol (warm-up excluded, interleaved) and tiny end-to-end runs of `main`.
+
+No timing thresholds: a shared 2-core machine makes any figure noisy. The runs check that every
+measurement is present and is a positive, finite number, in the printed table and in the JSON file.
+"""
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from mnist_flax import benchmark
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = ["--image-size", "32", "--steps", "2", "--repeats", "2", "--warmup", "1"]
+TINY += ["--pipeline-batches", "2"]
+OUR_MEASUREMENTS = ("pipeline", "step", "forward", "end-to-end")
+IMAGENET_NO_TOP = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
+
+
+def numbers(tree) -> list[float]:
+    """Every number in a JSON tree (booleans excluded)."""
+    if isinstance(tree, dict):
+        return [n for value in tree.values() for n in numbers(value)]
+    if isinstance(tree, list):
+        return [n for value in tree for n in numbers(value)]
+    if isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        return [tree]
+    return []
+
+
+def assert_positive_finite(tree) -> None:
+    found = numbers(tree)
+    assert found
+    assert all(math.isfinite(n) and n > 0 for n in found), tree
+
+
+def test_warm_up_is_untimed_and_measurements_interleave():
+    calls = []
+
+    def measurement(name):
+        return benchmark.StepMeasurement(
+            lambda: calls.append(name),
+            lambda _: None,
+            images_per_step=4,
+            steps=2,
+            warmup=1,
+            asynchronous=False,
+        )
+
+    first, second = measurement("a"), measurement("b")
+    benchmark.run_interleaved([first, second], repeats=2)
+    assert calls == ["a", "b"] + ["a", "a", "b", "b"] * 2
+    assert len(first.times.seconds) == 4  # 2 repetitions x 2 steps; the warm-up call is not timed
+    summary = first.summary()
+    assert summary["images_per_second"] == pytest.approx(4 / summary["median_seconds"])
+    assert summary["median_seconds"] <= summary["p90_seconds"]
+
+
+def check_our_row(row: dict, *, timed_steps: int) -> None:
+    for name in OUR_MEASUREMENTS:
+        assert_positive_finite(row[name])
+    assert {"images_per_second", "median_seconds"} <= row["pipeline"].keys()
+    assert {"p90_seconds", "dispatch_median_seconds", "dispatch_share"} <= row["step"].keys()
+    assert len(row["step"]["seconds"]) == timed_steps
+    assert row["compile_seconds"] > 0
+
+
+def test_the_notebooks_call_measures_everything(tmp_path, capsys):
+    json_file = tmp_path / "bench.json"
+    notebook_args = ["--batch-size", "8", "--image-size", "32", "--alpha", "0.35"]
+    notebook_args += ["--weights", "none", "--steps", "2", "--repeats", "1"]
+    results = benchmark.main([*notebook_args, "--json", str(json_file)])
+    saved = json.loads(json_file.read_text())
+    assert saved["rows"] == json.loads(json.dumps(results["rows"]))
+    assert "synthetic" in saved["data"]
+    (row,) = saved["rows"]
+    check_our_row(row, timed_steps=2)
+    assert len(saved["load_average"]["start"]) == 3
+    assert capsys.readouterr().out.count("\nours ") == 1
+
+
+@pytest.mark.slow
+def test_resize_modes_are_compared(tmp_path, capsys):
+    json_file = tmp_path / "bench.json"
+    benchmark.main(
+        [
+            *["--batch-size", "4", "--alpha", "0.35", "--weights", "none", *TINY],
+            *["--resize", "host", "device", "--json", str(json_file)],
+        ]
+    )
+    saved = json.loads(json_file.read_text())
+    assert [row["resize"] for row in saved["rows"]] == ["host", "device"]
+    for row in saved["rows"]:
+        check_our_row(row, timed_steps=2 * 2)
+    (comparison,) = saved["resize_comparisons"]
+    ratios = {k: v for k, v in comparison.items() if k.endswith("_device_over_host")}
+    assert ratios.keys() == {"pipeline_device_over_host", "end-to-end_device_over_host"}
+    assert_positive_finite(ratios)
+    table = capsys.readouterr().out
+    assert "--resize device / host" in table
+    assert table.count("\nours ") == 2
+
+
+@pytest.mark.slow
+def test_keras_baseline_with_the_shared_weights(tmp_path, mnist_idx_dir):
+    # The Keras-2 layout: the file `keras.applications` itself loads.
+    weights = pathlib.Path(os.environ["MNIST_FLAX_SHARED"], "weights", IMAGENET_NO_TOP)
+    if not weights.is_file():
+        pytest.skip(f"{weights} is missing")
+    json_file = tmp_path / "bench.json"
+    benchmark.main(
+        [
+            *["--batch-size", "2", "--weights", str(weights), "--keras-baseline", *TINY],
+            *["--data-dir", str(mnist_idx_dir), "--split", "test"],
+            *["--measure", "step", "forward", "--json", str(json_file)],
+        ]
+    )
+    saved = json.loads(json_file.read_text())
+    assert "IDX files" in saved["data"]
+    (keras,) = saved["keras"]
+    (row,) = saved["rows"]
+    for name in ("step", "forward"):
+        assert_positive_finite(keras[name])
+        assert_positive_finite(row[name])
+    assert "pipeline" not in row
+    assert_positive_finite(row["ours_over_keras"])
+    assert row["ours_over_keras"]["step"] == pytest.approx(
+        row["step"]["images_per_second"] / keras["step"]["images_per_second"]
+    )
+
+
+@pytest.mark.slow
+def test_cache_measurement_times_both_runs(tmp_path):
+    json_file = tmp_path / "bench.json"
+    benchmark.main(
+        [
+            *["--batch-size", "8", "--image-size", "32", "--alpha", "0.35", "--weights", "none"],
+            *["--measure", "cache", "--epochs", "2", "--cache-examples", "16", "8"],
+            *["--json", str(json_file)],
+        ]
+    )
+    cache = json.loads(json_file.read_text())["cache"]
+    assert_positive_finite({k: cache[k] for k in ("without_cache", "with_cache", "speedup")})
+    assert cache["speedup"] == pytest.approx(
+        cache["without_cache"]["median_seconds"] / cache["with_cache"]["median_seconds"]
+    )
+    # The two runs train the same model on the same batches.
+    assert cache["history_max_abs_difference"] < 1e-4
+
+
+def test_missing_weights_file_is_one_line_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(["--weights", str(tmp_path / "missing.h5"), *TINY])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: --weights") and "missing.h5" in error
+
+
+def test_script_is_the_module_command_line():
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "--keras-baseline" in result.stdout and "--cache-examples" in result.stdout
