@@ -88,6 +88,20 @@ def build_parser() -> argparse.ArgumentParser:
     out = train.add_argument_group("output")
     out.add_argument("--workdir", default=None, help="run directory (default: runs/<dataset>)")
     out.add_argument("--quiet", action="store_true", help="no progress bars, one line per epoch")
+    cluster = train.add_argument_group(
+        "multi-process (one process per host; --batch-size is the global batch)"
+    )
+    cluster.add_argument(
+        "--distributed",
+        action="store_true",
+        help="join a multi-process run, detecting the cluster (TPU pod slice, SLURM, MPI, "
+        "or JAX_COORDINATOR_ADDRESS)",
+    )
+    cluster.add_argument(
+        "--coordinator-address", default=None, help="HOST:PORT where process 0 listens"
+    )
+    cluster.add_argument("--num-processes", type=int, default=None)
+    cluster.add_argument("--process-id", type=int, default=None, help="0 .. --num-processes - 1")
 
     evaluate = commands.add_parser(
         "evaluate", help="test accuracy, confusion.png and misclassified.png of a trained workdir"
@@ -108,7 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from mnist_flax import train
+    from mnist_flax import parallel, train
+
+    cluster = (args.coordinator_address, args.num_processes, args.process_id)
+    if args.distributed or any(value is not None for value in cluster):
+        # Before anything else touches JAX: the runtime decides which devices exist.
+        parallel.initialize_distributed(*cluster)
 
     fields = {
         name: getattr(args, name)

@@ -386,6 +386,18 @@ def _load_tfds_split(
     )
 
 
+def with_examples(split: Split, arrays: dict[str, np.ndarray]) -> Split:
+    """`split` with its examples replaced by in-memory arrays in the same order (cached features).
+
+    The arrays must hold one row per example of `split`; the process share, class count and name
+    stay, so batching gives the same shuffled order and batch count as the original examples.
+    """
+    lengths = {name: len(values) for name, values in arrays.items()}
+    if set(lengths.values()) != {split.num_examples}:
+        raise DataError(f"{split.name}: {split.num_examples} examples but arrays of {lengths} rows")
+    return dataclasses.replace(split, examples=tf.data.Dataset.from_tensor_slices(arrays))
+
+
 # --- batches ---------------------------------------------------------------------------------------
 
 
@@ -500,6 +512,8 @@ def make_batches(
     "image" stays uint8 [B, 28, 28, 1] (784 bytes an image instead of 602 KB at 224) and the
     training step applies the same preprocessing on the accelerator. `batch_size` is this
     process's share of the global batch; every process yields the same number of batches.
+    Splits whose examples carry no "image" (cached features) are batched as they are, in the same
+    shuffled order as their images would be.
     """
     if resize not in RESIZE_MODES:
         raise DataError(f"--resize {resize!r}: choose one of {', '.join(RESIZE_MODES)}")
@@ -514,7 +528,8 @@ def make_batches(
         shuffle_seed=shuffle_seed,
         num_batches=-(-split.max_process_examples // batch_size),
     )
-    if resize == "host":
+    # A split of cached features (`with_examples`) has no images to preprocess.
+    if resize == "host" and "image" in split.examples.element_spec:
         batches = batches.map(
             lambda batch: {**batch, "image": preprocess_images(batch["image"], image_size)},
             num_parallel_calls=tf.data.AUTOTUNE,

@@ -6,14 +6,19 @@ are. Batches are split along a 1-D mesh axis named "data"; the model and optimiz
 replicated, and XLA inserts the gradient all-reduce where the batch mean needs it.
 
 Beyond one host, JAX's multi-controller runtime runs one copy of the program per host: each process
-reads its own shard of the data and contributes its rows to the global batch.
+reads its own shard of the data and contributes its rows to the global batch. Every process must
+run the same jitted steps in the same order (each step is a collective over all devices), so every
+process steps through the same number of batches, padding its shard where it is shorter.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import jax
 import numpy as np
-from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -24,6 +29,10 @@ class ShardingError(ValueError):
     """A batch that cannot be split evenly over the devices."""
 
 
+class DistributedError(ValueError):
+    """Incomplete or inconsistent multi-process options."""
+
+
 def initialize_distributed(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
@@ -31,17 +40,28 @@ def initialize_distributed(
 ) -> None:
     """Starts JAX's multi-controller runtime; must run before anything touches a device.
 
-    With no arguments JAX detects the cluster itself (Cloud TPU pod slices, SLURM, Open MPI);
-    elsewhere, every process is given the coordinator's `host:port`, the process count and its own
-    index (the README shows two processes on one machine).
+    With no arguments JAX detects the cluster itself (Cloud TPU pod slices, SLURM, Open MPI, or
+    the JAX_COORDINATOR_ADDRESS environment variable); elsewhere every process is given the
+    coordinator's `host:port` (process 0 listens there), the process count and its own index.
     """
+    manual = (coordinator_address, num_processes, process_id)
+    if any(value is not None for value in manual) and None in manual:
+        raise DistributedError(
+            "--coordinator-address, --num-processes and --process-id go together; pass all three "
+            "(or --distributed alone to detect a TPU pod / SLURM / MPI cluster)"
+        )
+    if num_processes is not None and not 0 <= process_id < num_processes:
+        raise DistributedError(
+            f"--process-id {process_id} must be in 0..{num_processes - 1} (--num-processes "
+            f"{num_processes})"
+        )
     if not jax.distributed.is_initialized():
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
 
 
-def data_mesh() -> Mesh:
-    """A 1-D mesh over every device of every process, batch axis first."""
-    return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D mesh over `devices` (default: every device of every process), batch axis first."""
+    return Mesh(np.asarray(jax.devices() if devices is None else devices), (DATA_AXIS,))
 
 
 def check_batch_size(batch_size: int, mesh: Mesh) -> None:
@@ -60,17 +80,37 @@ def local_batch_size(batch_size: int) -> int:
 
 
 def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Places this process's rows of a global batch on its devices, split along the batch axis."""
-    sharding = NamedSharding(mesh, P(DATA_AXIS))
+    """Places this process's rows of a global batch on its devices, split along the batch axis.
+
+    The global batch is the processes' rows stacked in process order; each process only ever
+    holds (and copies to its devices) its own rows.
+    """
+    sharding = batch_sharding(mesh)
     return {
         name: jax.make_array_from_process_local_data(sharding, np.asarray(rows))
         for name, rows in batch.items()
     }
 
 
-def replicate(*nodes: nnx.Module | nnx.Object, mesh: Mesh) -> None:
-    """Copies the state of NNX objects (model, optimizer, metrics) to every device, in place."""
-    replicated = NamedSharding(mesh, P())
-    for node in nodes:
-        state = nnx.state(node)
-        nnx.update(node, jax.device_put(state, replicated))
+def local_rows(array: jax.Array, mesh: Mesh) -> np.ndarray:
+    """This process's rows of a batch-sharded global array: the inverse of `shard_batch`."""
+    return np.asarray(multihost_utils.global_array_to_host_local_array(array, mesh, P(DATA_AXIS)))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """The sharding of batches and of per-example outputs: rows split over the "data" axis."""
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """The sharding of state every device holds whole (parameters, optimizer state, metrics)."""
+    return NamedSharding(mesh, P())
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """A copy of the pytree `tree` on every device of `mesh`.
+
+    Across processes every process passes its own, identical copy (same seed, same checkpoint),
+    and each one fills its own devices.
+    """
+    return jax.device_put(tree, replicated(mesh))

@@ -7,7 +7,11 @@ This module owns
   frozen (`set_to_zero` for the backbone, Adam for the head);
 - the steps `train_step` / `eval_step` and `preprocess_on_device` (for `resize="device"`);
 - the epoch loop `train_and_evaluate`, `evaluate`, and what they write into the workdir
-  (history.json, Orbax checkpoints through `checkpoints.py`, curves.png and friends through `plotting.py`).
+  (history.json, Orbax checkpoints through `checkpoints.py`, curves.png and friends through `plotting.py`);
+- `--cache-features`: the frozen backbone's pooled features computed once per split, then the same
+  epoch loop and steps on batches of features instead of images;
+- data parallelism over every device of every process (`parallel.py`: batch sharded over a 1-D
+  mesh, state replicated), the same code on one device and on a pod slice.
 
 Why freezing costs no backward pass through the backbone: `set_to_zero` never reads the gradient it
 is given, so every backbone gradient is dead code, and XLA removes it while compiling. The head sits
@@ -39,9 +43,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from mnist_flax import checkpoints, input_pipeline, plotting
+from mnist_flax import checkpoints, input_pipeline, parallel, plotting
 from mnist_flax.mobilenet_v2 import MobileNetV2, resolve_depthwise
 
 FROZEN = "frozen"
@@ -107,10 +112,6 @@ class TrainConfig:
                 self.resize in RESIZE_MODES,
                 f"--resize must be one of {', '.join(RESIZE_MODES)}, got {self.resize!r}",
             ),
-            (
-                not self.cache_features,
-                "--cache-features is not available in this version; train without it",
-            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -165,10 +166,14 @@ class TransferClassifier(nnx.Module):
         self.image_size = image_size
 
     def __call__(self, images: jax.Array) -> jax.Array:
+        return self.classify_features(self.features(images))
+
+    def features(self, images: jax.Array) -> jax.Array:
+        """The frozen backbone alone: images -> pooled features [B, num_features] (what gets cached)."""
         # uint8 batches come from `resize="device"`: 28x28 gray digits, resized here on the device.
         if images.dtype == jnp.uint8:
             images = preprocess_on_device(images, self.image_size)
-        return self.classify_features(self.backbone(images))
+        return self.backbone(images)
 
     def classify_features(self, features: jax.Array) -> jax.Array:
         """The head alone, on pooled backbone features [B, num_features] (also cached ones)."""
@@ -247,10 +252,15 @@ def make_metrics() -> nnx.MultiMetric:
 # ----------------------------------------------------------------------------------------------
 # The steps. A batch is {"image": [B, S, S, 3] float32 or [B, 28, 28, 1] uint8, "label": int32 [B],
 # "mask": bool [B]}; the mask is False on the zero padding that fills the last batch of an epoch.
+# With --cache-features a batch holds "features" [B, num_features] (the backbone's output, computed
+# once) instead of "image", and the same steps compile to the head alone.
 
 
 def _per_example_loss(model: TransferClassifier, batch: dict) -> tuple[jax.Array, jax.Array]:
-    logits = model(batch["image"])
+    if "features" in batch:
+        logits = model.classify_features(batch["features"])
+    else:
+        logits = model(batch["image"])
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
     return losses, logits
 
@@ -294,11 +304,18 @@ class CompiledState:
 
     While this holds the state, the objects' arrays are stale (donated): call `sync()` before
     touching the model, optimizer or metrics directly, e.g. to save a checkpoint.
+
+    With a `mesh`, the state is replicated on every device of the mesh and kept so: each step's
+    new state is pinned to the same replicated layout as its input, so the donated buffers are
+    reused and the next step sees the layout it was compiled for.
     """
 
-    def __init__(self, *nodes: nnx.Module | nnx.Pytree):
+    def __init__(self, *nodes: nnx.Module | nnx.Pytree, mesh: Mesh | None = None):
         self.nodes = nodes
         self.graphdef, self.state = nnx.split(nodes)
+        self.state_sharding = None if mesh is None else parallel.replicated(mesh)
+        if mesh is not None:
+            self.state = parallel.replicate(self.state, mesh)
 
     def jit(self, fn: Callable[..., Any], *, donate: bool = True) -> Callable[..., Any]:
         """`fn(*nodes, *args)` as a function of `*args`, updating the held state."""
@@ -306,7 +323,10 @@ class CompiledState:
         def pure(state, *args):
             nodes = nnx.merge(self.graphdef, state)
             out = fn(*nodes, *args)
-            return nnx.state(nodes), out
+            new_state = nnx.state(nodes)
+            if self.state_sharding is not None:
+                new_state = jax.lax.with_sharding_constraint(new_state, self.state_sharding)
+            return new_state, out
 
         jitted = jax.jit(pure, donate_argnums=0 if donate else ())
 
@@ -323,16 +343,36 @@ class CompiledState:
 
 
 class TrainingSteps:
-    """The jitted train/eval/metrics functions of one run, sharing one device-resident state."""
+    """The jitted train/eval/metrics functions of one run, sharing one device-resident state.
+
+    With a `mesh` (data parallel), the state is replicated over its devices and batches must come
+    sharded along its batch axis (`parallel.shard_batch`); without one, everything lives on the
+    default device.
+    """
 
     def __init__(
-        self, model: TransferClassifier, optimizer: nnx.Optimizer, metrics: nnx.MultiMetric
+        self,
+        model: TransferClassifier,
+        optimizer: nnx.Optimizer,
+        metrics: nnx.MultiMetric,
+        *,
+        mesh: Mesh | None = None,
     ):
-        self.compiled = CompiledState(model, optimizer, metrics)
+        self.compiled = CompiledState(model, optimizer, metrics, mesh=mesh)
         self.train = self.compiled.jit(train_step)
         self.eval = self.compiled.jit(
             lambda model, _, metrics, batch: eval_step(model, metrics, batch)
         )
+
+        def backbone_features(model, _, __, batch):
+            features = model.features(batch["image"])
+            if mesh is None:
+                return features
+            # Each row stays on the device (and so in the process) whose image it came from, so
+            # every process reads back exactly the rows of its own data shard.
+            return jax.lax.with_sharding_constraint(features, parallel.batch_sharding(mesh))
+
+        self.features = self.compiled.jit(backbone_features, donate=False)
         self.reset_metrics = self.compiled.jit(lambda _, __, metrics: metrics.reset())
         self.read_metrics = self.compiled.jit(
             lambda _, __, metrics: metrics.compute(), donate=False
@@ -352,13 +392,13 @@ class TrainingSteps:
 
 def _prefetch_to_device(
     batches: Iterable[dict[str, np.ndarray]],
-    place: Callable[[dict[str, np.ndarray]], dict[str, jax.Array]] = jax.device_put,
+    place: Callable[[dict[str, np.ndarray]], Any] = jax.device_put,
     size: int = 2,
-) -> Iterator[dict[str, jax.Array]]:
+) -> Iterator[Any]:
     """Starts copying the next batches to the device while the current step runs.
 
-    `place` is where the batch's device layout is decided: `jax.device_put` for one device; a
-    data-parallel run passes a function that shards the batch axis over a mesh.
+    `place` is where the batch's device layout is decided: the training loop passes
+    `parallel.shard_batch`, which splits the batch axis over the mesh.
     """
     queue: collections.deque = collections.deque()
     for batch in batches:
@@ -374,6 +414,7 @@ def _run_epoch(
     steps: TrainingSteps,
     dataset,
     *,
+    mesh: Mesh,
     num_steps: int,
     description: str,
     show_progress: bool,
@@ -389,8 +430,10 @@ def _run_epoch(
 
         def count_examples(batch):
             nonlocal examples
-            examples += int(np.sum(batch["mask"]))
-            return jax.device_put(batch)
+            # Processes step in lockstep on shards that differ by at most one example, so this
+            # process's count times the process count is the global throughput.
+            examples += int(np.sum(batch["mask"])) * jax.process_count()
+            return parallel.shard_batch(batch, mesh)
 
         for batch in _prefetch_to_device(dataset.as_numpy_iterator(), place=count_examples):
             step(batch)
@@ -406,6 +449,52 @@ def _run_epoch(
                 last_refresh = now
         metrics = steps.metrics()
     return metrics, examples / (time.perf_counter() - start)
+
+
+def _cache_features(
+    split: input_pipeline.Split,
+    steps: TrainingSteps,
+    config: TrainConfig,
+    *,
+    mesh: Mesh,
+    batch_size: int,
+    show_progress: bool,
+) -> input_pipeline.Split:
+    """`split` with every image replaced by the frozen backbone's pooled features, computed once.
+
+    The backbone is frozen and deterministic (BatchNorm uses running statistics), so its features
+    are the same every epoch; computing them once leaves the epochs only the head's work. The
+    features are computed by the same jitted backbone as the end-to-end step, in the split's own
+    order, so the epochs can shuffle them exactly as they would shuffle the images.
+    """
+    batches = input_pipeline.make_batches(
+        split,
+        batch_size=batch_size,
+        image_size=config.image_size,
+        shuffle_seed=None,
+        resize=config.resize,
+    )
+    features, labels = [], []
+    num_steps = math.ceil(split.max_process_examples / batch_size)
+    with tqdm(
+        total=num_steps,
+        desc=f"caching {split.name} features",
+        unit="step",
+        leave=False,
+        disable=not show_progress,
+    ) as bar:
+        for host, device in _prefetch_to_device(
+            batches.as_numpy_iterator(), place=lambda b: (b, parallel.shard_batch(b, mesh))
+        ):
+            real = host["mask"]
+            batch_features = parallel.local_rows(steps.features(device), mesh)[real]
+            # bfloat16 -> float32 is exact, and the head casts its input to float32 anyway.
+            features.append(batch_features.astype(np.float32))
+            labels.append(host["label"][real])
+            bar.update(1)
+    return input_pipeline.with_examples(
+        split, {"features": np.concatenate(features), "label": np.concatenate(labels)}
+    )
 
 
 @contextlib.contextmanager
@@ -431,8 +520,18 @@ def write_json_atomically(path: pathlib.Path, content: Any) -> None:
     os.replace(temporary, path)
 
 
+def _is_writer() -> bool:
+    """Whether this process writes the run's files and talks: process 0 of a multi-process run.
+
+    Every process runs the same loop and holds the same replicated state and metrics, so the
+    others would only repeat (and race to rewrite) what process 0 writes.
+    """
+    return jax.process_index() == 0
+
+
 def _say(message: str) -> None:
-    tqdm.write(message)
+    if _is_writer():
+        tqdm.write(message)
 
 
 def _summary_line(record: dict, epochs: int, images_per_second: float) -> str:
@@ -451,16 +550,25 @@ def train_and_evaluate(config: TrainConfig) -> dict:
     epoch (the last few and the best kept) and curves.png at the end. A workdir that holds another
     run is refused before anything is written. Ctrl-C stops after the last complete epoch's
     checkpoint; running again resumes from it.
+
+    Data parallel over every device of every process: `config.batch_size` is the global batch,
+    split over the devices (it must be a multiple of their count). In a multi-process run (after
+    `parallel.initialize_distributed`) each process reads its own shard of each split, every
+    process saves its part of the checkpoints (all must see the same workdir), and process 0
+    alone writes history.json and the plots.
     """
     config.validate()
+    mesh = parallel.data_mesh()
+    parallel.check_batch_size(config.batch_size, mesh)
     workdir = config.resolved_workdir()
     config = dataclasses.replace(config, workdir=str(workdir))
 
+    shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
     train_split = input_pipeline.load_split(
-        config.dataset, config.train_split, data_dir=config.data_dir
+        config.dataset, config.train_split, data_dir=config.data_dir, **shard
     )
     test_split = input_pipeline.load_split(
-        config.dataset, config.test_split, data_dir=config.data_dir
+        config.dataset, config.test_split, data_dir=config.data_dir, **shard
     )
     run_config = {**dataclasses.asdict(config), "num_classes": train_split.num_classes}
     # Refuses a mismatched or unwritable workdir before the (slow) model build and any write.
@@ -469,6 +577,9 @@ def train_and_evaluate(config: TrainConfig) -> dict:
     model = create_model(config, train_split.num_classes)
     optimizer = make_optimizer(model, config.learning_rate)
     metrics = make_metrics()
+    # Replicated before restoring: Orbax restores each array with the sharding of its target.
+    for node in (model, optimizer, metrics):
+        nnx.update(node, parallel.replicate(nnx.state(node), mesh))
     store = checkpoints.RunCheckpoints(workdir)
     try:
         history: list[dict] = []
@@ -489,6 +600,7 @@ def train_and_evaluate(config: TrainConfig) -> dict:
         _train_epochs(
             config,
             run_config,
+            mesh,
             model,
             optimizer,
             metrics,
@@ -501,13 +613,15 @@ def train_and_evaluate(config: TrainConfig) -> dict:
     finally:
         store.close()
     history_file = {"config": run_config, "epochs": history}
-    plotting.plot_history(history_file, workdir / "curves.png")
+    if _is_writer():
+        plotting.plot_history(history_file, workdir / "curves.png")
     return history_file
 
 
 def _train_epochs(
     config: TrainConfig,
     run_config: dict,
+    mesh: Mesh,
     model: TransferClassifier,
     optimizer: nnx.Optimizer,
     metrics: nnx.MultiMetric,
@@ -519,24 +633,43 @@ def _train_epochs(
 ) -> None:
     """The epochs after those in `history`, each ending in a checkpoint and a history.json rewrite."""
     workdir = pathlib.Path(config.workdir)
-    steps = TrainingSteps(model, optimizer, metrics)
-    show_progress = not config.quiet
+    steps = TrainingSteps(model, optimizer, metrics, mesh=mesh)
+    show_progress = not config.quiet and _is_writer()
+    batch_size = parallel.local_batch_size(config.batch_size)
+    if config.cache_features and len(history) < config.epochs:
+        start = time.perf_counter()
+        train_split, test_split = (
+            _cache_features(
+                split,
+                steps,
+                config,
+                mesh=mesh,
+                batch_size=batch_size,
+                show_progress=show_progress,
+            )
+            for split in (train_split, test_split)
+        )
+        _say(
+            f"cached the backbone features of {train_split.name} and {test_split.name} "
+            f"({time.perf_counter() - start:.1f} s)"
+        )
     test_batches = input_pipeline.make_batches(
         test_split,
-        batch_size=config.batch_size,
+        batch_size=batch_size,
         image_size=config.image_size,
         shuffle_seed=None,
         resize=config.resize,
     )
-    train_steps = math.ceil(train_split.num_examples / config.batch_size)
-    test_steps = math.ceil(test_split.num_examples / config.batch_size)
+    # Every process steps through as many batches as the largest shard needs (the others pad).
+    train_steps = math.ceil(train_split.max_process_examples / batch_size)
+    test_steps = math.ceil(test_split.max_process_examples / batch_size)
     epoch = len(history)
     try:
         for epoch in range(len(history) + 1, config.epochs + 1):
             start = time.perf_counter()
             train_batches = input_pipeline.make_batches(
                 train_split,
-                batch_size=config.batch_size,
+                batch_size=batch_size,
                 image_size=config.image_size,
                 shuffle_seed=input_pipeline.epoch_seed(data_seed, epoch),
                 resize=config.resize,
@@ -545,6 +678,7 @@ def _train_epochs(
                 steps.train,
                 steps,
                 train_batches,
+                mesh=mesh,
                 num_steps=train_steps,
                 description=f"epoch {epoch}/{config.epochs}",
                 show_progress=show_progress,
@@ -553,6 +687,7 @@ def _train_epochs(
                 steps.eval,
                 steps,
                 test_batches,
+                mesh=mesh,
                 num_steps=test_steps,
                 description="test",
                 show_progress=show_progress,
@@ -568,6 +703,7 @@ def _train_epochs(
             steps.sync()
             with _interrupts_deferred():
                 history.append(record)
+                # Every process saves: Orbax writes each array once and synchronises the processes.
                 store.save(
                     epoch,
                     trainable=nnx.state(model, trainable_filter(model)),
@@ -576,9 +712,10 @@ def _train_epochs(
                     run_config=run_config,
                     history=history,
                 )
-                write_json_atomically(
-                    workdir / "history.json", {"config": run_config, "epochs": history}
-                )
+                if _is_writer():
+                    write_json_atomically(
+                        workdir / "history.json", {"config": run_config, "epochs": history}
+                    )
             _say(_summary_line(record, config.epochs, images_per_second))
     except KeyboardInterrupt:
         steps.sync()

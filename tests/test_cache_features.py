@@ -1,0 +1,102 @@
+"""`--cache-features`: the backbone runs once per split and the epochs train the head on its output.
+
+The cached run must reproduce the end-to-end run (same head steps, same shuffled order, same
+history and checkpoints), resume like it, and work in bfloat16. The random backbone is
+He-initialised here (see test_train.he_initialise_backbone): the Glorot-initialised one's pooled
+features are ~1e-11, on which any order of any features would give the same history.
+"""
+
+import dataclasses
+import json
+
+import pytest
+import test_checkpoints
+from test_checkpoints import tiny_config, without_seconds
+from test_train import he_initialise_backbone
+
+from mnist_flax import checkpoints, train
+
+# The tiny IDX digits and the module's persistent compilation cache of test_checkpoints.
+idx_dir = test_checkpoints.idx_dir
+compilation_cache = test_checkpoints.compilation_cache
+
+
+def use_he_backbone(monkeypatch: pytest.MonkeyPatch) -> None:
+    create_model = train.create_model
+
+    def he_model(config, num_classes):
+        model = create_model(config, num_classes)
+        he_initialise_backbone(model)
+        return model
+
+    monkeypatch.setattr(train, "create_model", he_model)
+
+
+@pytest.fixture(autouse=True)
+def he_backbone(monkeypatch):
+    use_he_backbone(monkeypatch)
+
+
+def assert_same_history(a: dict, b: dict, *, rel: float, abs: float) -> None:
+    assert len(a["epochs"]) == len(b["epochs"])
+    for record_a, record_b in zip(without_seconds(a), without_seconds(b), strict=True):
+        for key in record_a:
+            assert record_a[key] == pytest.approx(record_b[key], rel=rel, abs=abs), (
+                record_a["epoch"],
+                key,
+            )
+
+
+@pytest.fixture(scope="module")
+def end_to_end(idx_dir, tmp_path_factory) -> dict:
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        use_he_backbone(monkeypatch)
+        config = tiny_config(idx_dir, tmp_path_factory.mktemp("end_to_end"), epochs=2)
+        return train.train_and_evaluate(config)
+
+
+def test_cached_run_reproduces_the_end_to_end_run(end_to_end, idx_dir, tmp_path, capsys):
+    workdir = tmp_path / "cached"
+    cached = train.train_and_evaluate(tiny_config(idx_dir, workdir, epochs=2, cache_features=True))
+    assert "cached the backbone features" in capsys.readouterr().out
+    # The head must have learnt, or equal histories would prove little.
+    assert cached["epochs"][1]["train_loss"] < cached["epochs"][0]["train_loss"]
+    assert_same_history(cached, end_to_end, rel=1e-5, abs=1e-6)
+    assert json.loads((workdir / "history.json").read_text()) == cached
+    store = checkpoints.RunCheckpoints(workdir, read_only=True)
+    try:
+        assert set(store.manager.all_steps()) == {1, 2}
+    finally:
+        store.close()
+
+
+def test_cached_run_resumes_and_mixes_with_end_to_end_epochs(end_to_end, idx_dir, tmp_path):
+    """Epoch 1 end to end, epoch 2 on cached features: the history of a straight run."""
+    workdir = tmp_path / "mixed"
+    train.train_and_evaluate(tiny_config(idx_dir, workdir, epochs=1))
+    resumed = train.train_and_evaluate(tiny_config(idx_dir, workdir, epochs=2, cache_features=True))
+    assert_same_history(resumed, end_to_end, rel=1e-5, abs=1e-6)
+
+
+def test_a_finished_run_does_not_compute_features(end_to_end, idx_dir, tmp_path, capsys):
+    workdir = tmp_path / "done"
+    train.train_and_evaluate(tiny_config(idx_dir, workdir, epochs=1))
+    capsys.readouterr()
+    train.train_and_evaluate(tiny_config(idx_dir, workdir, epochs=1, cache_features=True))
+    assert "cached" not in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bfloat16_trains_evaluates_and_caches(idx_dir, tmp_path):
+    config = tiny_config(idx_dir, tmp_path / "bf16", epochs=2, dtype="bfloat16")
+    end_to_end = train.train_and_evaluate(config)
+    cached = train.train_and_evaluate(
+        dataclasses.replace(config, cache_features=True, workdir=str(tmp_path / "bf16-cached"))
+    )
+    # The same bfloat16 backbone, compiled into different programs: equal up to bfloat16 noise.
+    assert_same_history(cached, end_to_end, rel=2e-2, abs=2e-2)
+    evaluated = train.evaluate(tmp_path / "bf16", checkpoint="latest")
+    assert evaluated["test_accuracy"] == pytest.approx(
+        end_to_end["epochs"][-1]["test_accuracy"], abs=1e-6
+    )
+    assert evaluated["test_loss"] == pytest.approx(end_to_end["epochs"][-1]["test_loss"], rel=1e-2)
