@@ -10,6 +10,7 @@ traceback. (Other exceptions, bugs, keep their traceback.) Ctrl-C exits with 130
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 
@@ -129,27 +130,9 @@ def _train(args: argparse.Namespace) -> None:
         # Before anything else touches JAX: the runtime decides which devices exist.
         parallel.initialize_distributed(*cluster)
 
+    # Every TrainConfig field has the flag of the same name (dashes for underscores).
     fields = {
-        name: getattr(args, name)
-        for name in (
-            "dataset",
-            "data_dir",
-            "train_split",
-            "test_split",
-            "image_size",
-            "batch_size",
-            "epochs",
-            "learning_rate",
-            "seed",
-            "alpha",
-            "weights",
-            "depthwise",
-            "dtype",
-            "resize",
-            "cache_features",
-            "quiet",
-            "workdir",
-        )
+        field.name: getattr(args, field.name) for field in dataclasses.fields(train.TrainConfig)
     }
     train.train_and_evaluate(train.TrainConfig(**fields))
 

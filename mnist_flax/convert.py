@@ -410,5 +410,12 @@ def load_converted(
         )
     )
     graphdef, abstract_state = nnx.split(abstract)
+    # Restore onto this process's first device: the sharding saved with the arrays names the
+    # device that wrote them, which another process of a multi-process run does not have.
+    on_local_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract_state = jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=on_local_device),
+        abstract_state,
+    )
     state = ocp.StandardCheckpointer().restore(directory / STATE_DIR, abstract_state)
-    return nnx.merge(graphdef, jax.tree.map(jnp.asarray, state))
+    return nnx.merge(graphdef, state)

@@ -73,9 +73,12 @@ def plot_history(history: dict, path: str | os.PathLike) -> pathlib.Path:
 
     config = history.get("config") or {}
     if config:
+        # A weights path is shortened to its file name so the title fits the figure.
+        weights = pathlib.Path(str(config.get("weights", "?"))).name
         figure.suptitle(
             f"{config.get('dataset', '?')}: MobileNetV2 alpha {config.get('alpha', '?')}, "
-            f"{config.get('image_size', '?')} px, weights {config.get('weights', '?')}"
+            f"{config.get('image_size', '?')} px, weights {weights}",
+            wrap=True,
         )
     figure.tight_layout()
     return _save(figure, path)

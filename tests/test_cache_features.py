@@ -11,8 +11,7 @@ import json
 
 import pytest
 import test_checkpoints
-from test_checkpoints import tiny_config, without_seconds
-from test_train import he_initialise_backbone
+from helpers import he_initialise_backbone, tiny_config, without_seconds
 
 from mnist_flax import checkpoints, train
 

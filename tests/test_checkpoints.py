@@ -9,33 +9,13 @@ import hashlib
 import json
 import pathlib
 import shutil
-import struct
 
 import jax
 import numpy as np
 import pytest
+from helpers import block_digits, tiny_config, without_seconds, write_idx
 
 from mnist_flax import checkpoints, input_pipeline, train
-
-
-def write_idx(directory: pathlib.Path, prefix: str, images: np.ndarray, labels: np.ndarray) -> None:
-    """The classic MNIST IDX files (big-endian header, then raw bytes), uncompressed."""
-    directory.mkdir(parents=True, exist_ok=True)
-    header = struct.pack(">iiii", 2051, len(images), 28, 28)
-    (directory / f"{prefix}-images-idx3-ubyte").write_bytes(header + images.tobytes())
-    header = struct.pack(">ii", 2049, len(labels))
-    (directory / f"{prefix}-labels-idx1-ubyte").write_bytes(header + labels.tobytes())
-
-
-def block_digits(num_examples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Digit k is a bright block at position k of a 3x4 grid on a noisy background."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 10, num_examples).astype(np.uint8)
-    images = rng.integers(0, 40, (num_examples, 28, 28)).astype(np.uint8)
-    for image, label in zip(images, labels, strict=True):
-        row, column = divmod(int(label), 4)
-        image[row * 9 : row * 9 + 9, column * 7 : column * 7 + 7] = 255
-    return images, labels
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -62,24 +42,6 @@ def idx_dir(tmp_path_factory) -> pathlib.Path:
     write_idx(directory, "train", *block_digits(40, seed=0))
     write_idx(directory, "t10k", *block_digits(20, seed=1))
     return directory
-
-
-def tiny_config(idx_dir: pathlib.Path, workdir: pathlib.Path, **overrides) -> train.TrainConfig:
-    options = dict(
-        data_dir=str(idx_dir),
-        image_size=32,
-        alpha=0.35,
-        weights="none",
-        batch_size=8,
-        epochs=4,
-        quiet=True,
-        workdir=str(workdir),
-    )
-    return train.TrainConfig(**{**options, **overrides})
-
-
-def without_seconds(history: dict) -> list[dict]:
-    return [{k: v for k, v in record.items() if k != "seconds"} for record in history["epochs"]]
 
 
 def snapshot(directory: pathlib.Path) -> dict[str, str]:

@@ -2,8 +2,6 @@
 
 import functools
 import json
-import os
-import pathlib
 import signal
 import subprocess
 import sys
@@ -11,6 +9,7 @@ import time
 
 import pytest
 import tensorflow_datasets as tfds
+from helpers import block_digits, write_idx, write_tfds_metadata
 
 from mnist_flax import cli, input_pipeline
 
@@ -73,21 +72,6 @@ def test_python_dash_m_prints_no_traceback(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def write_tfds_metadata(tfds_dir: pathlib.Path, name: str, num_examples: int) -> None:
-    """What a prepared tfds data dir holds besides the records, for `mock_data` to serve records."""
-    builder = tfds.builder(name, data_dir=tfds_dir)
-    builder.info.set_splits(
-        tfds.core.SplitDict(
-            [
-                tfds.core.SplitInfo(name=split, shard_lengths=[num_examples], num_bytes=0)
-                for split in ("train", "test")
-            ]
-        )
-    )
-    os.makedirs(builder.data_dir)
-    builder.info.write_to_directory(builder.data_dir)
-
-
 def test_train_on_tfds_mock_data_then_evaluate(tmp_path, monkeypatch, capsys):
     write_tfds_metadata(tmp_path / "tfds", "mnist", num_examples=24)
     # What TFDS_DATA_DIR does for a user (tfds reads that variable once, at import).
@@ -110,7 +94,6 @@ def test_train_on_tfds_mock_data_then_evaluate(tmp_path, monkeypatch, capsys):
 @pytest.mark.slow
 def test_ctrl_c_stops_after_a_saved_epoch_and_the_next_run_resumes(tmp_path):
     """A real SIGINT to `python -m mnist_flax train`, then the same command again."""
-    from test_checkpoints import block_digits, write_idx
 
     write_idx(tmp_path / "idx", "train", *block_digits(2000, seed=0))
     write_idx(tmp_path / "idx", "t10k", *block_digits(16, seed=1))

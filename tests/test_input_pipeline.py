@@ -3,7 +3,6 @@
 import ast
 import gzip
 import math
-import os
 import pathlib
 import re
 import socket
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from helpers import idx_bytes, write_idx, write_tfds_metadata
 
 from mnist_flax import input_pipeline
 from mnist_flax.input_pipeline import DataError
@@ -26,25 +26,6 @@ def digits(num: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def idx_bytes(array: np.ndarray, magic: int) -> bytes:
-    return magic.to_bytes(4, "big") + np.asarray(array.shape[:3], ">u4").tobytes() + array.tobytes()
-
-
-def write_idx(
-    folder: pathlib.Path, prefix: str, images: np.ndarray, labels: np.ndarray, gz: bool = True
-) -> tuple[pathlib.Path, pathlib.Path]:
-    """Writes `prefix`-images-idx3-ubyte and -labels-idx1-ubyte as MNIST is distributed."""
-    paths = []
-    for kind, payload in (
-        ("images-idx3", idx_bytes(images[..., 0], 2051)),
-        ("labels-idx1", idx_bytes(labels, 2049)),
-    ):
-        path = folder / f"{prefix}-{kind}-ubyte{'.gz' if gz else ''}"
-        path.write_bytes(gzip.compress(payload) if gz else payload)
-        paths.append(path)
-    return tuple(paths)
-
-
 def as_arrays(dataset: tf.data.Dataset) -> dict[str, np.ndarray]:
     elements = list(dataset.as_numpy_iterator())
     return {name: np.stack([e[name] for e in elements]) for name in elements[0]}
@@ -57,8 +38,8 @@ def first_pixels(dataset: tf.data.Dataset) -> list[int]:
 @pytest.fixture
 def idx_dir(tmp_path) -> pathlib.Path:
     """20 training and 11 test digits, gzipped."""
-    write_idx(tmp_path, "train", *digits(20, seed=1))
-    write_idx(tmp_path, "t10k", *digits(11, seed=2))
+    write_idx(tmp_path, "train", *digits(20, seed=1), gz=True)
+    write_idx(tmp_path, "t10k", *digits(11, seed=2), gz=True)
     return tmp_path
 
 
@@ -110,7 +91,7 @@ def test_idx_split_strings_select_those_examples(idx_dir, split, expected):
 
 
 def test_idx_test_files_alone_serve_test_splits_and_name_the_missing_train_files(tmp_path):
-    write_idx(tmp_path, "t10k", *digits(11))
+    write_idx(tmp_path, "t10k", *digits(11), gz=True)
 
     assert input_pipeline.load_split("mnist", "test[:4]", data_dir=tmp_path).num_examples == 4
     with pytest.raises(DataError, match=r"train-images-idx3-ubyte.*train-labels-idx1-ubyte"):
@@ -332,21 +313,6 @@ def test_tfds_dataset_by_name_reads_slices_and_shards(tiny_tfds_dir):
     assert first_pixels(shards[0].examples) + first_pixels(shards[1].examples) == order
     with pytest.raises(DataError, match="incompatible with 13 examples"):
         input_pipeline.load_split(name, "test[:14]", tfds_data_dir=tiny_tfds_dir)
-
-
-def write_tfds_metadata(tfds_dir: pathlib.Path, name: str, num_examples: int) -> None:
-    """What a prepared tfds data dir holds besides the records, for `mock_data` to serve records."""
-    builder = tfds.builder(name, data_dir=tfds_dir)
-    builder.info.set_splits(
-        tfds.core.SplitDict(
-            [
-                tfds.core.SplitInfo(name=split, shard_lengths=[num_examples], num_bytes=0)
-                for split in ("train", "test")
-            ]
-        )
-    )
-    os.makedirs(builder.data_dir)
-    builder.info.write_to_directory(builder.data_dir)
 
 
 @pytest.mark.parametrize("name", ["mnist", "fashion_mnist", "kmnist"])

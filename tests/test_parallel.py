@@ -15,7 +15,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from test_checkpoints import block_digits, write_idx
+from helpers import block_digits, without_seconds, write_idx
 
 from mnist_flax import cli, parallel
 
@@ -29,7 +29,7 @@ import json, sys
 import jax, numpy as np
 from flax import nnx
 sys.path.insert(0, sys.argv[1])
-from test_train import he_initialise_backbone, quadrant_batches, tiny_model
+from helpers import he_initialise_backbone, quadrant_batches, tiny_model
 from mnist_flax import parallel, train
 
 assert len(jax.devices()) == 8, jax.devices()
@@ -153,16 +153,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def without_seconds(history: dict) -> list[dict]:
-    return [{k: v for k, v in record.items() if k != "seconds"} for record in history["epochs"]]
-
-
 # `mnist-flax train` with the random backbone He-initialised (informative features; the
 # Glorot-initialised one's pooled features are ~1e-11), the same in every process.
 HE_TRAIN = """
 import sys
 sys.path.insert(0, sys.argv[1])
-from test_train import he_initialise_backbone
+from helpers import he_initialise_backbone
 from mnist_flax import cli, train
 
 create_model = train.create_model

@@ -5,55 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import BATCH, IMAGE_SIZE, he_initialise_backbone, quadrant_batches, tiny_model
 
 from mnist_flax import train
-
-IMAGE_SIZE = 32
-BATCH = 8
-
-
-def tiny_model(num_classes: int = 4, *, dtype: str = "float32") -> train.TransferClassifier:
-    config = train.TrainConfig(image_size=IMAGE_SIZE, alpha=0.35, weights="none", dtype=dtype)
-    return train.create_model(config, num_classes)
-
-
-def he_initialise_backbone(model: train.TransferClassifier, seed: int = 0) -> None:
-    """Gives the random backbone informative features.
-
-    Keras' (and our) random MobileNetV2 uses Glorot-uniform kernels; with BatchNorm frozen at its
-    initial statistics the activations shrink by orders of magnitude per block (1e-11 at the
-    pooled output), so a head on top has nothing to learn from. He-normal kernels with the true
-    fan-in (3x3 for a depthwise kernel) keep the activations near unit scale.
-    """
-    # NumPy draws: eager jax.random ops would compile once per kernel shape (~30 s in all).
-    rng = np.random.default_rng(seed)
-    for path, variable in nnx.to_flat_state(nnx.state(model.backbone, nnx.Param)):
-        if path[-1] != "kernel":
-            continue
-        kh, kw, cin, _ = variable.shape
-        fan_in = kh * kw if "depthwise" in path else kh * kw * cin
-        kernel = rng.normal(size=variable.shape) * np.sqrt(2.0 / fan_in)
-        variable.set_value(jnp.asarray(kernel, jnp.float32))
-
-
-def quadrant_batches(num_examples: int, seed: int) -> list[dict[str, np.ndarray]]:
-    """A learnable task: class k lights up quadrant k of a noisy dark image."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 4, num_examples).astype(np.int32)
-    images = np.full((num_examples, IMAGE_SIZE, IMAGE_SIZE, 3), -1.0, np.float32)
-    half = IMAGE_SIZE // 2
-    for image, label in zip(images, labels, strict=True):
-        row, column = divmod(int(label), 2)
-        image[row * half : (row + 1) * half, column * half : (column + 1) * half] = 1.0
-    images += rng.normal(0, 0.2, images.shape).astype(np.float32)
-    return [
-        {
-            "image": images[i : i + BATCH],
-            "label": labels[i : i + BATCH],
-            "mask": np.ones(BATCH, bool),
-        }
-        for i in range(0, num_examples, BATCH)
-    ]
 
 
 def raw_bits(tree) -> list[np.ndarray]:
@@ -108,8 +62,11 @@ def test_training_learns_the_head_and_leaves_the_backbone_bit_identical():
     assert int(optimizer.step[...]) == 4 * len(batches)
 
 
-def test_compiled_train_step_does_not_run_the_backbone_backward_pass():
-    model = tiny_model()
+# "taps" runs the CPU path (images in chunks through a lax.map loop); "conv" is one straight graph,
+# whose FLOPs XLA's cost analysis counts without loops.
+@pytest.mark.parametrize("depthwise", ["taps", "conv"])
+def test_compiled_train_step_does_not_run_the_backbone_backward_pass(depthwise):
+    model = tiny_model(depthwise=depthwise)
     steps = train.TrainingSteps(model, train.make_optimizer(model, 1e-3), train.make_metrics())
     batch = jax.device_put(quadrant_batches(BATCH, seed=0)[0])
 

@@ -1,0 +1,135 @@
+"""What several test modules build: tiny IDX files and tfds metadata, tiny models and runs.
+
+Plain functions (not fixtures), imported as `from helpers import ...`: pytest puts this folder on
+`sys.path`.
+"""
+
+import gzip
+import os
+import pathlib
+
+import jax.numpy as jnp
+import numpy as np
+import tensorflow_datasets as tfds
+from flax import nnx
+
+from mnist_flax import train
+
+IMAGE_SIZE = 32  # the side of every tiny model's input
+BATCH = 8
+
+
+def idx_bytes(array: np.ndarray, magic: int) -> bytes:
+    """An IDX file's bytes: magic number, big-endian dimensions, then the raw uint8 data."""
+    return magic.to_bytes(4, "big") + np.asarray(array.shape, ">u4").tobytes() + array.tobytes()
+
+
+def write_idx(
+    folder: pathlib.Path, prefix: str, images: np.ndarray, labels: np.ndarray, gz: bool = False
+) -> tuple[pathlib.Path, pathlib.Path]:
+    """`prefix`-images-idx3-ubyte and -labels-idx1-ubyte as MNIST is distributed (optionally .gz).
+
+    `images` is [N, 28, 28] or [N, 28, 28, 1] uint8.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for kind, payload in (
+        ("images-idx3", idx_bytes(images.reshape(len(images), 28, 28), 2051)),
+        ("labels-idx1", idx_bytes(labels, 2049)),
+    ):
+        path = folder / f"{prefix}-{kind}-ubyte{'.gz' if gz else ''}"
+        path.write_bytes(gzip.compress(payload) if gz else payload)
+        paths.append(path)
+    return tuple(paths)
+
+
+def block_digits(num_examples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Digit k is a bright block at position k of a 3x4 grid on a noisy background."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, num_examples).astype(np.uint8)
+    images = rng.integers(0, 40, (num_examples, 28, 28)).astype(np.uint8)
+    for image, label in zip(images, labels, strict=True):
+        row, column = divmod(int(label), 4)
+        image[row * 9 : row * 9 + 9, column * 7 : column * 7 + 7] = 255
+    return images, labels
+
+
+def write_tfds_metadata(tfds_dir: pathlib.Path, name: str, num_examples: int) -> None:
+    """What a prepared tfds data dir holds besides the records, for `mock_data` to serve records."""
+    builder = tfds.builder(name, data_dir=tfds_dir)
+    builder.info.set_splits(
+        tfds.core.SplitDict(
+            [
+                tfds.core.SplitInfo(name=split, shard_lengths=[num_examples], num_bytes=0)
+                for split in ("train", "test")
+            ]
+        )
+    )
+    os.makedirs(builder.data_dir)
+    builder.info.write_to_directory(builder.data_dir)
+
+
+def tiny_config(idx_dir: pathlib.Path, workdir: pathlib.Path, **overrides) -> train.TrainConfig:
+    options = dict(
+        data_dir=str(idx_dir),
+        image_size=32,
+        alpha=0.35,
+        weights="none",
+        batch_size=8,
+        epochs=4,
+        quiet=True,
+        workdir=str(workdir),
+    )
+    return train.TrainConfig(**{**options, **overrides})
+
+
+def without_seconds(history: dict) -> list[dict]:
+    return [{k: v for k, v in record.items() if k != "seconds"} for record in history["epochs"]]
+
+
+def tiny_model(
+    num_classes: int = 4, *, dtype: str = "float32", depthwise: str = "auto"
+) -> train.TransferClassifier:
+    config = train.TrainConfig(
+        image_size=IMAGE_SIZE, alpha=0.35, weights="none", dtype=dtype, depthwise=depthwise
+    )
+    return train.create_model(config, num_classes)
+
+
+def he_initialise_backbone(model: train.TransferClassifier, seed: int = 0) -> None:
+    """Gives the random backbone informative features.
+
+    Keras' (and our) random MobileNetV2 uses Glorot-uniform kernels; with BatchNorm frozen at its
+    initial statistics the activations shrink by orders of magnitude per block (1e-11 at the
+    pooled output), so a head on top has nothing to learn from. He-normal kernels with the true
+    fan-in (3x3 for a depthwise kernel) keep the activations near unit scale.
+    """
+    # NumPy draws: eager jax.random ops would compile once per kernel shape (~30 s in all).
+    rng = np.random.default_rng(seed)
+    for path, variable in nnx.to_flat_state(nnx.state(model.backbone, nnx.Param)):
+        if path[-1] != "kernel":
+            continue
+        kh, kw, cin, _ = variable.shape
+        fan_in = kh * kw if "depthwise" in path else kh * kw * cin
+        kernel = rng.normal(size=variable.shape) * np.sqrt(2.0 / fan_in)
+        variable.set_value(jnp.asarray(kernel, jnp.float32))
+
+
+def quadrant_batches(num_examples: int, seed: int) -> list[dict[str, np.ndarray]]:
+    """A learnable task: class k lights up quadrant k of a noisy dark image."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 4, num_examples).astype(np.int32)
+    images = np.full((num_examples, IMAGE_SIZE, IMAGE_SIZE, 3), -1.0, np.float32)
+    half = IMAGE_SIZE // 2
+    for image, label in zip(images, labels, strict=True):
+        row, column = divmod(int(label), 2)
+        image[row * half : (row + 1) * half, column * half : (column + 1) * half] = 1.0
+    images += rng.normal(0, 0.2, images.shape).astype(np.float32)
+    return [
+        {
+            "image": images[i : i + BATCH],
+            "label": labels[i : i + BATCH],
+            "mask": np.ones(BATCH, bool),
+        }
+        for i in range(0, num_examples, BATCH)
+    ]
