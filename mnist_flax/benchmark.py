@@ -725,7 +725,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--weights",
         default="imagenet",
-        help="imagenet (Keras cache or download), none (random), or PATH.h5 (default: imagenet)",
+        help="imagenet (Keras cache or download), none (random), PATH.h5, or a DIR from "
+        "`mnist-flax convert` (not with --keras-baseline) (default: imagenet)",
     )
     model.add_argument("--data-dir", help="MNIST IDX files; default: synthetic digits")
     model.add_argument(

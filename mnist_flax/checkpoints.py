@@ -32,7 +32,8 @@ HISTORY_FILE = "history.json"
 KEEP_LATEST = 3
 # What a resumed run must share with the checkpointed one: the model (weights source, width, input
 # size, classes, compute dtype) and the recipe whose history it continues (data, batch, optimizer,
-# seed). Everything else (epochs, workdir, quiet, data_dir, resize, depthwise) may change.
+# seed). Everything else (epochs, workdir, quiet, data_dir, resize, depthwise, cache_features) may
+# change.
 MUST_MATCH = (
     "dataset",
     "train_split",

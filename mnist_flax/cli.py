@@ -4,7 +4,8 @@ Argument parsing only; the work is in `train.py` and `convert.py`, imported when
 that `--help` and flag errors answer at once. Every error a user can fix (a bad flag value, a
 missing dataset or weights file, a workdir of another run, an unwritable workdir: any `ValueError`
 the library raises for bad input) is printed as one line `error: ...` with exit status 2, without a
-traceback. (Other exceptions, bugs, keep their traceback.) Ctrl-C exits with 130 after training saved what was complete.
+traceback. (Other exceptions, bugs, keep their traceback.) Ctrl-C exits with 130 after training
+saved what was complete.
 """
 
 from __future__ import annotations
@@ -29,7 +30,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argparse tree of `mnist-flax`; defaults come from `TrainConfig`'s documented values."""
+    """The argparse tree of `mnist-flax`.
+
+    The train defaults repeat `TrainConfig`'s (this module does not import `train`, so that `--help`
+    answers without loading JAX); change both together.
+    """
     parser = _Parser(
         prog="mnist-flax",
         description="MNIST transfer learning with a frozen ImageNet MobileNetV2, in JAX/Flax NNX.",

@@ -380,7 +380,8 @@ def load_converted(
     """The `MobileNetV2` that `save_converted` wrote to `directory`.
 
     alpha/include_top/classes, when given, must equal the saved ones; `options` (pooling,
-    classifier_activation, depthwise, dtype) are free, they do not change the variables.
+    classifier_activation, depthwise, dtype, batch_chunk) are free, they do not change the
+    variables.
     """
     import orbax.checkpoint as ocp
 

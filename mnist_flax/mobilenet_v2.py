@@ -169,6 +169,8 @@ class Conv2D(nnx.Module):
                 for c in range(x.shape[-1])
             )
         else:
+            # The only conv larger than 1x1 is Conv1, stride 2: Keras' "same" padding for it is
+            # `correct_pad` (a stride-1 3x3 conv would need ((1, 1), (1, 1)) instead).
             padding = correct_pad(x.shape[1], x.shape[2], kh)
             y = _native_conv(x, kernel, padding, self.strides, groups=1)
         return y + shift.astype(dtype)

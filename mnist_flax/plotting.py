@@ -84,13 +84,11 @@ def plot_history(history: dict, path: str | os.PathLike) -> pathlib.Path:
     return _save(figure, path)
 
 
-def plot_confusion(
-    confusion: np.ndarray, path: str | os.PathLike, class_names: Sequence[str] | None = None
-) -> pathlib.Path:
+def plot_confusion(confusion: np.ndarray, path: str | os.PathLike) -> pathlib.Path:
     """The confusion matrix (rows: true class, columns: predicted), counts written in each cell."""
     confusion = np.asarray(confusion)
     num_classes = confusion.shape[0]
-    names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
+    names = [str(i) for i in range(num_classes)]
     figure = Figure(figsize=CONFUSION_FIGSIZE, dpi=DPI)
     axes = figure.subplots()
     image = axes.imshow(confusion, cmap="Blues")

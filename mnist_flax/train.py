@@ -47,7 +47,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from mnist_flax import checkpoints, input_pipeline, parallel, plotting
-from mnist_flax.mobilenet_v2 import MobileNetV2, resolve_depthwise
+from mnist_flax.mobilenet_v2 import MIN_INPUT_SIZE, MobileNetV2, resolve_depthwise
 
 FROZEN = "frozen"
 TRAINABLE = "trainable"
@@ -56,8 +56,6 @@ TRAINABLE = "trainable"
 LABEL_OF_SUBMODULE = {"backbone": FROZEN, "head": TRAINABLE}
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-RESIZE_MODES = ("host", "device")
-MIN_IMAGE_SIZE = 32
 # How often the progress bar reads the running loss and accuracy back from the device. Each read
 # waits for the queued steps, so it is kept rare.
 PROGRESS_REFRESH_SECONDS = 1.0
@@ -95,8 +93,8 @@ class TrainConfig:
             (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
             (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
             (
-                self.image_size >= MIN_IMAGE_SIZE,
-                f"--image-size must be at least {MIN_IMAGE_SIZE} (MobileNetV2's smallest input), "
+                self.image_size >= MIN_INPUT_SIZE,
+                f"--image-size must be at least {MIN_INPUT_SIZE} (MobileNetV2's smallest input), "
                 f"got {self.image_size}",
             ),
             (
@@ -109,8 +107,9 @@ class TrainConfig:
                 f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}",
             ),
             (
-                self.resize in RESIZE_MODES,
-                f"--resize must be one of {', '.join(RESIZE_MODES)}, got {self.resize!r}",
+                self.resize in input_pipeline.RESIZE_MODES,
+                f"--resize must be one of {', '.join(input_pipeline.RESIZE_MODES)}, "
+                f"got {self.resize!r}",
             ),
         ]
         for ok, message in checks:
@@ -714,7 +713,8 @@ def _train_epochs(
                 )
                 if _is_writer():
                     write_json_atomically(
-                        workdir / "history.json", {"config": run_config, "epochs": history}
+                        workdir / checkpoints.HISTORY_FILE,
+                        {"config": run_config, "epochs": history},
                     )
             _say(_summary_line(record, config.epochs, images_per_second))
     except KeyboardInterrupt:

@@ -1,5 +1,6 @@
 """The `mnist-flax` command line: one-line errors with exit status 2, a tfds-mock run, Ctrl-C."""
 
+import dataclasses
 import functools
 import json
 import signal
@@ -39,6 +40,16 @@ def test_invalid_flags_give_one_error_line_and_status_2(flags, message, capsys, 
     assert status == 2
     assert captured.err == message + "\n"
     assert not (tmp_path / "run").exists()
+
+
+def test_train_flag_defaults_are_train_config_defaults():
+    """cli.py repeats TrainConfig's defaults (it must not import train.py for --help); same values."""
+    from mnist_flax import train
+
+    args = cli.build_parser().parse_args(["train"])
+    assert {
+        field.name: getattr(args, field.name) for field in dataclasses.fields(train.TrainConfig)
+    } == dataclasses.asdict(train.TrainConfig())
 
 
 def test_an_invalid_choice_names_the_flag(capsys):
