@@ -1,15 +1,16 @@
 """Throughput benchmark: where the time of a training step goes, and how it compares with Keras.
 
-This module owns the benchmark protocol and its report (a table on stdout, optionally `--json FILE`).
-For every combination of the swept options (`--batch-size`, `--image-size`, `--dtype`, `--depthwise`,
+This module owns how things are timed (the protocol), the report (a table on stdout, optionally
+`--json FILE`) and the command line; what is timed is in `benchmark_subjects.py`. For every combination of the swept options (`--batch-size`, `--image-size`, `--dtype`, `--depthwise`,
 `--resize`; each takes several values) it measures:
 
 - pipeline: images/s coming out of the tf.data input pipeline alone (`input_pipeline.make_batches`,
   converted to NumPy as the training loop receives them);
-- step: the compiled train step (`train.TrainingSteps`, what the epoch loop runs) on a batch that
-  already lives on the device: median and 90th-percentile step time and images/s (batch / median);
-  its compile time (trace, lower and XLA compile); and the host overhead per step, the time until
-  the asynchronous call returns (dispatch), as a share of the step time;
+- step: the compiled train step (`steps.StepRunner.train`, what the epoch loop runs) on a batch
+  that already lives on the device: median and 90th-percentile step time and images/s (batch /
+  median); and the host overhead per step, the time until the asynchronous call returns
+  (dispatch), as a share of the step time;
+- compile: the train step's one compilation (trace, lower and XLA compile), a single measurement;
 - forward: the classifier's plain forward pass (softmax probabilities), the work of `model.predict`;
 - end-to-end: the pipeline feeding the step, batches copied to the device ahead of the step;
 - with `--keras-baseline`, the tutorial's Keras model (frozen MobileNetV2, GlobalAveragePooling2D,
@@ -21,7 +22,8 @@ For every combination of the swept options (`--batch-size`, `--image-size`, `--d
 The protocol: every measurement is warmed up first (compilation and tf.data start-up are never
 timed), then all measurements of one batch size and image size, ours and Keras', run in turn,
 repetition after repetition, so that a busy phase of a shared machine slows all of them alike.
-Device work is waited for (`block_until_ready`) before a clock is read; figures are medians.
+Device work is waited for (`block_until_ready`) before a clock is read; every figure but the
+compile time is a median over the repetitions.
 
 Data: the IDX files in `--data-dir` (split `--split`), else synthetic 28x28 uint8 images with random
 pixels and labels, written as IDX files to a temporary folder so that both go through the same
@@ -39,7 +41,6 @@ import contextlib
 import dataclasses
 import itertools
 import json
-import math
 import os
 import pathlib
 import platform
@@ -51,14 +52,21 @@ from typing import Any
 
 import jax
 import numpy as np
-import tensorflow as tf
 
-from mnist_flax import convert, input_pipeline, train
+from mnist_flax import input_pipeline
+from mnist_flax.benchmark_subjects import (
+    NUM_CLASSES,
+    KerasRun,
+    OurRun,
+    Variant,
+    cache_runs,
+    resolve_weights,
+)
+from mnist_flax.config import TrainConfig
 from mnist_flax.mobilenet_v2 import resolve_depthwise
 
 MEASUREMENTS = ("pipeline", "step", "forward", "end-to-end", "cache")
 DEFAULT_MEASUREMENTS = ("pipeline", "step", "forward", "end-to-end")
-NUM_CLASSES = 10
 # Synthetic data: enough examples for every measurement's epoch (smaller needs reuse a prefix).
 MIN_SYNTHETIC_EXAMPLES = 1024
 EXIT_USAGE = 2
@@ -66,17 +74,6 @@ EXIT_USAGE = 2
 
 class BenchmarkError(ValueError):
     """A benchmark option that cannot be honoured; the message names the flag."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Variant:
-    """One row of the report: a point of the swept options."""
-
-    batch_size: int
-    image_size: int
-    dtype: str
-    depthwise: str
-    resize: str
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,17 +187,6 @@ def run_interleaved(measurements: Sequence[StepMeasurement | StreamMeasurement],
 # Data.
 
 
-def write_idx_split(directory: pathlib.Path, prefix: str, images: np.ndarray, labels: np.ndarray):
-    """Writes `prefix`-images-idx3-ubyte and `prefix`-labels-idx1-ubyte, the classic MNIST format."""
-    num, rows, cols = images.shape[:3]
-    header = np.array([input_pipeline.IDX_IMAGES_MAGIC, num, rows, cols], ">u4").tobytes()
-    (directory / f"{prefix}-images-idx3-ubyte").write_bytes(header + images.tobytes())
-    header = np.array([input_pipeline.IDX_LABELS_MAGIC, num], ">u4").tobytes()
-    (directory / f"{prefix}-labels-idx1-ubyte").write_bytes(
-        header + labels.astype(np.uint8).tobytes()
-    )
-
-
 @dataclasses.dataclass(frozen=True)
 class DataSource:
     data_dir: pathlib.Path
@@ -220,236 +206,12 @@ def data_source(args: argparse.Namespace, num_examples: int) -> Iterator[DataSou
     images = rng.integers(0, 256, (num_examples, 28, 28), dtype=np.uint8)
     labels = rng.integers(0, NUM_CLASSES, num_examples).astype(np.uint8)
     with tempfile.TemporaryDirectory(prefix="mnist_flax_benchmark_") as directory:
-        write_idx_split(pathlib.Path(directory), "train", images, labels)
+        input_pipeline.write_idx_split(directory, "train", images, labels)
         yield DataSource(
             pathlib.Path(directory),
             "train",
             f"synthetic: {num_examples} random 28x28 uint8 images (no --data-dir)",
         )
-
-
-def exact_size(split: input_pipeline.Split, num_examples: int) -> input_pipeline.Split:
-    """`split` cut to, or repeated up to, exactly `num_examples` examples."""
-    repeats = math.ceil(num_examples / split.num_examples)
-    return input_pipeline.Split(
-        examples=split.examples.repeat(repeats).take(num_examples),
-        num_examples=num_examples,
-        num_classes=split.num_classes,
-        name=split.name,
-        max_process_examples=num_examples,
-    )
-
-
-# ----------------------------------------------------------------------------------------------
-# Our side: the training code's own model, optimizer and compiled steps.
-
-
-class OurRun:
-    """The train step, forward pass, pipeline and end-to-end loop of one variant.
-
-    With `build_model` False (only the pipeline is measured) no model is built or compiled.
-    """
-
-    def __init__(
-        self,
-        variant: Variant,
-        args: argparse.Namespace,
-        split: input_pipeline.Split,
-        weights: str,
-        build_model: bool,
-    ):
-        self.variant, self.split = variant, split
-        self.config = train.TrainConfig(
-            image_size=variant.image_size,
-            batch_size=variant.batch_size,
-            learning_rate=args.learning_rate,
-            seed=args.seed,
-            alpha=args.alpha,
-            weights=weights,
-            depthwise=variant.depthwise,
-            dtype=variant.dtype,
-            resize=variant.resize,
-        )
-        self.config.validate()
-        self.compile_seconds = None
-        if not build_model:
-            return
-        model = train.create_model(self.config, NUM_CLASSES)
-        self.steps = train.TrainingSteps(
-            model, train.make_optimizer(model, args.learning_rate), train.make_metrics()
-        )
-        self.forward = self.steps.compiled.jit(
-            lambda model, _, __, images: jax.nn.softmax(model(images)), donate=False
-        )
-        first_batch = next(
-            self.batches(exact_size(split, variant.batch_size), 0).as_numpy_iterator()
-        )
-        self.batch = jax.device_put(first_batch)
-        began = time.perf_counter()
-        # Compiles into jit's cache: the first timed call finds the executable.
-        self.steps.train.lower(self.batch).compile()
-        self.compile_seconds = time.perf_counter() - began
-
-    def batches(self, split: input_pipeline.Split, epoch: int) -> tf.data.Dataset:
-        return input_pipeline.make_batches(
-            split,
-            batch_size=self.variant.batch_size,
-            image_size=self.variant.image_size,
-            shuffle_seed=input_pipeline.epoch_seed(self.config.seed, epoch),
-            resize=self.variant.resize,
-        )
-
-    def wait_for_state(self, _=None) -> None:
-        jax.block_until_ready(self.steps.compiled.state)
-
-    def step_measurement(self, args: argparse.Namespace) -> StepMeasurement:
-        return StepMeasurement(
-            lambda: self.steps.train(self.batch),
-            self.wait_for_state,
-            images_per_step=self.variant.batch_size,
-            steps=args.steps,
-            warmup=args.warmup,
-            asynchronous=True,
-        )
-
-    def forward_measurement(self, args: argparse.Namespace) -> StepMeasurement:
-        return StepMeasurement(
-            lambda: self.forward(self.batch["image"]),
-            lambda probabilities: probabilities.block_until_ready(),
-            images_per_step=self.variant.batch_size,
-            steps=args.steps,
-            warmup=args.warmup,
-            asynchronous=True,
-        )
-
-    def pipeline_measurement(self, args: argparse.Namespace) -> StreamMeasurement:
-        timed_batches = args.pipeline_batches
-        split = exact_size(self.split, (timed_batches + 1) * self.variant.batch_size)
-
-        def run_epoch(epoch: int) -> float:
-            batches = self.batches(split, epoch).as_numpy_iterator()
-            next(batches)
-            began = time.perf_counter()
-            for _ in batches:
-                pass
-            return time.perf_counter() - began
-
-        return StreamMeasurement(
-            run_epoch, images_per_epoch=timed_batches * self.variant.batch_size, warmup=args.warmup
-        )
-
-    def end_to_end_measurement(self, args: argparse.Namespace) -> StreamMeasurement:
-        split = exact_size(self.split, (args.steps + 1) * self.variant.batch_size)
-
-        def run_epoch(epoch: int) -> float:
-            batches = train._prefetch_to_device(self.batches(split, epoch).as_numpy_iterator())
-            self.steps.train(next(batches))
-            self.wait_for_state()
-            began = time.perf_counter()
-            for batch in batches:
-                self.steps.train(batch)
-            self.wait_for_state()
-            return time.perf_counter() - began
-
-        return StreamMeasurement(
-            run_epoch, images_per_epoch=args.steps * self.variant.batch_size, warmup=args.warmup
-        )
-
-
-# ----------------------------------------------------------------------------------------------
-# The Keras side: the tutorial's model, run the way `model.fit` and `model.predict` run it.
-
-
-def keras_classifier(alpha: float, image_size: int, weights_file: str | None, seed: int):
-    """MobileNetV2(include_top=False) frozen, GlobalAveragePooling2D, Dense(10, softmax), compiled."""
-    import keras  # only with --keras-baseline: the project itself never needs Keras
-
-    keras.utils.set_random_seed(seed)
-    backbone = keras.applications.MobileNetV2(
-        input_shape=(image_size, image_size, 3),
-        alpha=alpha,
-        include_top=False,
-        weights=weights_file,
-    )
-    backbone.trainable = False
-    model = keras.Sequential(
-        [
-            keras.Input((image_size, image_size, 3)),
-            backbone,
-            keras.layers.GlobalAveragePooling2D(),
-            keras.layers.Dense(NUM_CLASSES, activation="softmax"),
-        ]
-    )
-    model.compile(
-        optimizer=keras.optimizers.Adam(), loss="categorical_crossentropy", metrics=["accuracy"]
-    )
-    return model
-
-
-class KerasRun:
-    """Keras' train step and forward pass on one batch (the tf.data host-resized images)."""
-
-    def __init__(
-        self,
-        batch_size: int,
-        image_size: int,
-        args: argparse.Namespace,
-        split: input_pipeline.Split,
-        weights_file: str | None,
-    ):
-        self.batch_size = batch_size
-        self.model = keras_classifier(args.alpha, image_size, weights_file, args.seed)
-        raw = next(iter(exact_size(split, batch_size).examples.batch(batch_size)))
-        self.images = input_pipeline.preprocess_images(raw["image"], image_size)
-        self.labels = tf.one_hot(raw["label"], NUM_CLASSES)
-
-    def step_measurement(self, args: argparse.Namespace) -> StepMeasurement:
-        return StepMeasurement(
-            lambda: self.model.train_on_batch(self.images, self.labels),
-            lambda _: None,
-            images_per_step=self.batch_size,
-            steps=args.steps,
-            warmup=args.warmup,
-            asynchronous=False,
-        )
-
-    def forward_measurement(self, args: argparse.Namespace) -> StepMeasurement:
-        return StepMeasurement(
-            lambda: self.model.predict_on_batch(self.images),
-            lambda _: None,
-            images_per_step=self.batch_size,
-            steps=args.steps,
-            warmup=args.warmup,
-            asynchronous=False,
-        )
-
-
-def resolve_weights(weights: str, alpha: float, image_size: int) -> str:
-    """What `--weights` names, as both sides load it: "none", or a file or converted directory.
-
-    "imagenet" becomes the official Keras file (from the Keras cache, else downloaded; offline, the
-    error says where to put it), so that Keras and this project load the very same arrays.
-    """
-    if weights == "none":
-        return weights
-    if weights == "imagenet":
-        rows = convert.imagenet_rows((image_size, image_size, 3))
-        return str(convert.imagenet_weights_path(alpha, False, rows))
-    if not pathlib.Path(weights).exists():
-        raise BenchmarkError(f"--weights {weights}: no such file; pass imagenet, none or a path")
-    return weights
-
-
-def keras_weights_file(weights: str) -> str | None:
-    """`weights` (resolved) as `keras.applications.MobileNetV2(weights=...)` takes it."""
-    if weights == "none":
-        return None
-    if pathlib.Path(weights).is_dir():
-        raise BenchmarkError(
-            f"--keras-baseline: Keras cannot load the converted directory {weights}; "
-            "pass --weights imagenet, none or an H5 file"
-        )
-    return weights
 
 
 # ----------------------------------------------------------------------------------------------
@@ -465,40 +227,60 @@ def measure_group(
     build_model = bool({"step", "forward", "end-to-end"} & set(args.measure))
     # The pipeline alone needs no weights (and so no download).
     weights = resolve_weights(args.weights, args.alpha, image_size) if build_model else "none"
-    keras_run = None
-    if args.keras_baseline and {"step", "forward"} & set(args.measure):
-        print(f"building the Keras model ({batch_size} x {image_size}x{image_size})", flush=True)
-        keras_run = KerasRun(batch_size, image_size, args, split, keras_weights_file(weights))
+    common = dict(weights=weights, alpha=args.alpha, seed=args.seed)
+
+    def steps(start: Callable[[], Any], wait: Callable[[Any], Any], asynchronous: bool):
+        return StepMeasurement(
+            start,
+            wait,
+            images_per_step=batch_size,
+            steps=args.steps,
+            warmup=args.warmup,
+            asynchronous=asynchronous,
+        )
+
+    def stream(images_and_run: tuple[int, Callable[[int], float]]) -> StreamMeasurement:
+        images, run_epoch = images_and_run
+        return StreamMeasurement(run_epoch, images_per_epoch=images, warmup=args.warmup)
+
+    def our_measurement(name: str, ours: OurRun) -> StepMeasurement | StreamMeasurement:
+        if name == "pipeline":
+            return stream(ours.pipeline_epoch(args.pipeline_batches))
+        if name == "step":
+            return steps(ours.start_train_step, ours.wait_for_train_step, True)
+        if name == "forward":
+            return steps(ours.start_forward, jax.block_until_ready, True)
+        return stream(ours.end_to_end_epoch(args.steps))
 
     measured: list[tuple[dict, str, StepMeasurement | StreamMeasurement]] = []
     rows = []
     for variant in variants:
         print(f"{'compiling' if build_model else 'preparing'} {describe(variant)}", flush=True)
-        ours = OurRun(variant, args, split, weights, build_model)
+        ours = OurRun(
+            variant,
+            split,
+            learning_rate=args.learning_rate,
+            build_model=build_model,
+            **common,
+        )
         row: dict[str, Any] = dataclasses.asdict(variant)
         if ours.compile_seconds is not None:
             row["compile_seconds"] = ours.compile_seconds
         if variant.depthwise == "auto":
             row["depthwise"] = f"auto={resolve_depthwise('auto')}"
-        builders = {
-            "pipeline": ours.pipeline_measurement,
-            "step": ours.step_measurement,
-            "forward": ours.forward_measurement,
-            "end-to-end": ours.end_to_end_measurement,
-        }
-        for name, build in builders.items():
+        for name in DEFAULT_MEASUREMENTS:
             if name in args.measure:
-                measured.append((row, name, build(args)))
+                measured.append((row, name, our_measurement(name, ours)))
         rows.append(row)
     keras_row = None
-    if keras_run is not None:
+    if args.keras_baseline and {"step", "forward"} & set(args.measure):
+        print(f"building the Keras model ({batch_size} x {image_size}x{image_size})", flush=True)
+        keras = KerasRun(batch_size, image_size, split, **common)
         keras_row = {"batch_size": batch_size, "image_size": image_size}
-        for name, build in (
-            ("step", keras_run.step_measurement),
-            ("forward", keras_run.forward_measurement),
-        ):
+        # Keras' calls return when their work is done: there is nothing to wait for after them.
+        for name, start in (("step", keras.train_step), ("forward", keras.forward)):
             if name in args.measure:
-                measured.append((keras_row, name, build(args)))
+                measured.append((keras_row, name, steps(start, lambda _: None, False)))
 
     print(f"timing {len(measured)} measurements x {args.repeats} repetitions", flush=True)
     run_interleaved([measurement for _, _, measurement in measured], args.repeats)
@@ -512,6 +294,30 @@ def measure_group(
                 if name in keras_row
             }
     return rows, keras_row
+
+
+def measure_cache(args: argparse.Namespace, data: DataSource) -> dict:
+    """Two whole training runs of `--epochs` epochs, without and with cache_features."""
+    train_examples, test_examples = args.cache_examples
+    base = data.split.split("[")[0]
+    config = TrainConfig(
+        dataset="mnist",
+        data_dir=str(data.data_dir),
+        train_split=f"{base}[:{train_examples}]",
+        test_split=f"{base}[{train_examples}:{train_examples + test_examples}]",
+        image_size=args.image_size[0],
+        batch_size=args.batch_size[0],
+        epochs=args.epochs,
+        learning_rate=args.learning_rate,
+        seed=args.seed,
+        alpha=args.alpha,
+        weights=resolve_weights(args.weights, args.alpha, args.image_size[0]),
+        depthwise=args.depthwise[0],
+        dtype=args.dtype[0],
+        resize=args.resize[0],
+        quiet=True,
+    )
+    return cache_runs(config, args.cache_repeats)
 
 
 def describe(variant: Variant) -> str:
@@ -538,72 +344,6 @@ def resize_comparisons(rows: list[dict]) -> list[dict]:
                 )
         comparisons.append(comparison)
     return comparisons
-
-
-# ----------------------------------------------------------------------------------------------
-# Feature caching: whole training runs, with and without.
-
-
-def measure_cache(args: argparse.Namespace, data: DataSource) -> dict:
-    """Wall time of `train_and_evaluate` for `--epochs` epochs without and with cache_features."""
-    train_examples, test_examples = args.cache_examples
-    base = data.split.split("[")[0]
-    config = train.TrainConfig(
-        dataset="mnist",
-        data_dir=str(data.data_dir),
-        train_split=f"{base}[:{train_examples}]",
-        test_split=f"{base}[{train_examples}:{train_examples + test_examples}]",
-        image_size=args.image_size[0],
-        batch_size=args.batch_size[0],
-        epochs=args.epochs,
-        learning_rate=args.learning_rate,
-        seed=args.seed,
-        alpha=args.alpha,
-        weights=resolve_weights(args.weights, args.alpha, args.image_size[0]),
-        depthwise=args.depthwise[0],
-        dtype=args.dtype[0],
-        resize=args.resize[0],
-        quiet=True,
-    )
-    seconds: dict[bool, list[float]] = {False: [], True: []}
-    epoch_seconds: dict[bool, list[float]] = {False: [], True: []}
-    histories: dict[bool, list[dict]] = {}
-    for _ in range(args.cache_repeats):
-        for cache in (False, True):
-            print(f"training {args.epochs} epochs, cache_features={cache}", flush=True)
-            with tempfile.TemporaryDirectory(prefix="mnist_flax_benchmark_run_") as workdir:
-                run = dataclasses.replace(config, cache_features=cache, workdir=workdir)
-                began = time.perf_counter()
-                histories[cache] = train.train_and_evaluate(run)["epochs"]
-                seconds[cache].append(time.perf_counter() - began)
-                epoch_seconds[cache].append(sum(record["seconds"] for record in histories[cache]))
-    without, with_cache = (float(np.median(seconds[cache])) for cache in (False, True))
-    differences = [
-        abs(a[key] - b[key])
-        for a, b in zip(histories[False], histories[True], strict=True)
-        for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy")
-    ]
-    return {
-        "epochs": args.epochs,
-        "train_split": config.train_split,
-        "test_split": config.test_split,
-        "batch_size": config.batch_size,
-        "image_size": config.image_size,
-        # seconds: whole runs (model build, compilation, caching, checkpoints, plots included);
-        # epoch_seconds: the epochs alone, as the history records them.
-        "without_cache": {
-            "median_seconds": without,
-            "seconds": seconds[False],
-            "epoch_seconds": epoch_seconds[False],
-        },
-        "with_cache": {
-            "median_seconds": with_cache,
-            "seconds": seconds[True],
-            "epoch_seconds": epoch_seconds[True],
-        },
-        "speedup": without / with_cache,
-        "history_max_abs_difference": max(differences),
-    }
 
 
 # ----------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from flax import nnx
 from orbax.checkpoint import checkpoint_managers
 
 CHECKPOINT_DIR = "checkpoints"
@@ -131,31 +132,27 @@ def check_workdir(workdir: str | os.PathLike, run_config: dict) -> None:
     _check_writable(workdir)
 
 
-def _flat_arrays(tree: Any) -> dict[str, Any]:
-    """{"head.kernel": array, ...}: a plain dict Orbax stores without knowing NNX or optax types."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {_path_name(path): leaf for path, leaf in leaves}
+def to_saved(state: Any) -> dict:
+    """How every NNX state of this project is saved: as the plain nested dict `nnx.to_pure_dict`
+    makes of it (Flax's checkpointing guide), so Orbax needs to know no NNX or optax type."""
+    return nnx.to_pure_dict(state)
 
 
-def _path_name(path: tuple) -> str:
-    parts = []
-    for key in path:
-        for attribute in ("key", "idx", "name"):
-            if hasattr(key, attribute):
-                parts.append(str(getattr(key, attribute)))
-                break
-    return ".".join(parts)
+def saved_target(target: Any, sharding: jax.sharding.Sharding | None = None) -> dict:
+    """What Orbax restores a `to_saved` dict into: the shapes and dtypes of the state `target`
+    (concrete or abstract), placed like `target`'s arrays or, when given, with `sharding`."""
+
+    def abstract(leaf):
+        placement = sharding if sharding is not None else getattr(leaf, "sharding", None)
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=placement)
+
+    return jax.tree.map(abstract, to_saved(target))
 
 
-def _unflatten_like(target: Any, flat: dict[str, Any]) -> Any:
-    paths_and_leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
-    return jax.tree_util.tree_unflatten(
-        treedef, [flat[_path_name(path)] for path, _ in paths_and_leaves]
-    )
-
-
-def _abstract(flat: dict[str, Any]) -> dict[str, Any]:
-    return {name: ocp.utils.to_shape_dtype_struct(array) for name, array in flat.items()}
+def into_state(target: Any, restored: dict) -> Any:
+    """`target` (an `nnx.State`) holding the arrays of a restored `to_saved` dict."""
+    nnx.replace_by_pure_dict(target, restored)
+    return target
 
 
 class RunCheckpoints:
@@ -212,8 +209,8 @@ class RunCheckpoints:
         self.manager.save(
             epoch,
             args=ocp.args.Composite(
-                trainable=ocp.args.StandardSave(_flat_arrays(trainable)),
-                optimizer=ocp.args.StandardSave(_flat_arrays(optimizer)),
+                trainable=ocp.args.StandardSave(to_saved(trainable)),
+                optimizer=ocp.args.StandardSave(to_saved(optimizer)),
                 meta=ocp.args.JsonSave(meta),
             ),
             metrics={"test_accuracy": test_accuracy},
@@ -232,10 +229,10 @@ class RunCheckpoints:
         """Reads epoch `epoch` into trees shaped like `trainable` (and `optimizer`, when given)."""
         items = {
             "meta": ocp.args.JsonRestore(),
-            "trainable": ocp.args.StandardRestore(_abstract(_flat_arrays(trainable))),
+            "trainable": ocp.args.StandardRestore(saved_target(trainable)),
         }
         if optimizer is not None:
-            items["optimizer"] = ocp.args.StandardRestore(_abstract(_flat_arrays(optimizer)))
+            items["optimizer"] = ocp.args.StandardRestore(saved_target(optimizer))
         try:
             restored = self.manager.restore(epoch, args=ocp.args.Composite(**items))
         except (ValueError, KeyError, FileNotFoundError) as error:
@@ -246,9 +243,9 @@ class RunCheckpoints:
         meta = restored["meta"]
         return Restored(
             epoch=meta["epoch"],
-            trainable=_unflatten_like(trainable, restored["trainable"]),
+            trainable=into_state(trainable, restored["trainable"]),
             optimizer=(
-                _unflatten_like(optimizer, restored["optimizer"]) if optimizer is not None else None
+                into_state(optimizer, restored["optimizer"]) if optimizer is not None else None
             ),
             data_seed=meta["data_seed"],
             run_config=meta["config"],

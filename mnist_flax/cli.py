@@ -1,7 +1,8 @@
 """The `mnist-flax` command (also `python -m mnist_flax`): train, evaluate, convert.
 
-Argument parsing only; the work is in `train.py` and `convert.py`, imported when a command runs so
-that `--help` and flag errors answer at once. Every error a user can fix (a bad flag value, a
+Argument parsing only; the work is in `train.py`, `evaluate.py` and `convert.py`, imported when a
+command runs, so that `--help` and flag errors answer at once (`config.py`, which defines the
+train flags, imports neither JAX nor TensorFlow). Every error a user can fix (a bad flag value, a
 missing dataset or weights file, a workdir of another run, an unwritable workdir: any `ValueError`
 the library raises for bad input) is printed as one line `error: ...` with exit status 2, without a
 traceback. (Other exceptions, bugs, keep their traceback.) Ctrl-C exits with 130 after training
@@ -11,9 +12,10 @@ saved what was complete.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from collections.abc import Sequence
+
+from mnist_flax import config
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -23,18 +25,38 @@ class UsageError(Exception):
     """A command line argparse rejects (unknown flag, missing value, not a number)."""
 
 
+class _DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every flag's default, except a None whose meaning the help text already says."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         # argparse would print the usage block and exit; one line is what the user needs.
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argparse tree of `mnist-flax`.
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per `TrainConfig` field (dashes for underscores), grouped and explained by its metadata."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for field in config.fields().values():
+        options = dict(field.metadata)
+        group = options.pop("group")
+        if group not in groups:
+            groups[group] = parser.add_argument_group(group)
+        if options.get("action") != "store_true":
+            options.setdefault("type", type(field.default))
+        groups[group].add_argument(
+            "--" + field.name.replace("_", "-"), default=field.default, **options
+        )
 
-    The train defaults repeat `TrainConfig`'s (this module does not import `train`, so that `--help`
-    answers without loading JAX); change both together.
-    """
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse tree of `mnist-flax`; `train`'s flags come from `config.TrainConfig`."""
     parser = _Parser(
         prog="mnist-flax",
         description="MNIST transfer learning with a frozen ImageNet MobileNetV2, in JAX/Flax NNX.",
@@ -42,58 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = commands.add_parser(
-        "train", help="train the Dense head on a frozen MobileNetV2 (resumes the workdir)"
+        "train",
+        help="train the Dense head on a frozen MobileNetV2 (resumes the workdir)",
+        formatter_class=_DefaultsShown,
     )
-    data = train.add_argument_group("data")
-    data.add_argument("--dataset", default="mnist", help="tfds dataset name (default: mnist)")
-    data.add_argument(
-        "--data-dir",
-        default=None,
-        help="read IDX files (train-*-ubyte, t10k-*-ubyte, gzipped or not) from DIR instead of tfds",
-    )
-    data.add_argument(
-        "--train-split", default="train", help='tfds split syntax, e.g. "train[:80%%]"'
-    )
-    data.add_argument("--test-split", default="test", help='tfds split syntax, e.g. "test[8000:]"')
-    data.add_argument("--image-size", type=int, default=224, help="input side in pixels, >= 32")
-    data.add_argument(
-        "--resize",
-        choices=("host", "device"),
-        default="host",
-        help="resize in tf.data (host) or inside the jitted step (device)",
-    )
-    model = train.add_argument_group("model")
-    model.add_argument("--alpha", type=float, default=1.0, help="MobileNetV2 width multiplier")
-    model.add_argument(
-        "--weights",
-        default="imagenet",
-        help="imagenet | none (random) | PATH.h5 (Keras weights) | DIR (from `mnist-flax convert`)",
-    )
-    model.add_argument(
-        "--depthwise",
-        choices=("auto", "conv", "taps"),
-        default="auto",
-        help="convolution implementation (auto: taps on CPU, conv elsewhere)",
-    )
-    model.add_argument(
-        "--dtype",
-        choices=("float32", "bfloat16"),
-        default="float32",
-        help="backbone compute dtype (parameters stay float32)",
-    )
-    fit = train.add_argument_group("training")
-    fit.add_argument("--batch-size", type=int, default=32)
-    fit.add_argument("--epochs", type=int, default=10)
-    fit.add_argument("--learning-rate", type=float, default=1e-3)
-    fit.add_argument("--seed", type=int, default=0)
-    fit.add_argument(
-        "--cache-features",
-        action="store_true",
-        help="compute the frozen backbone's features once and train the head on them",
-    )
-    out = train.add_argument_group("output")
-    out.add_argument("--workdir", default=None, help="run directory (default: runs/<dataset>)")
-    out.add_argument("--quiet", action="store_true", help="no progress bars, one line per epoch")
+    _add_config_flags(train)
     cluster = train.add_argument_group(
         "multi-process (one process per host; --batch-size is the global batch)"
     )
@@ -113,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate", help="test accuracy, confusion.png and misclassified.png of a trained workdir"
     )
     evaluate.add_argument("--workdir", required=True)
-    evaluate.add_argument("--checkpoint", choices=("best", "latest"), default="best")
+    evaluate.add_argument(
+        "--checkpoint", choices=config.EVALUATE_CHECKPOINTS, default=config.EVALUATE_CHECKPOINTS[0]
+    )
     evaluate.add_argument(
         "--test-split", default=None, help="split to evaluate (default: the run's test split)"
     )
@@ -128,24 +105,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> None:
+    run_config = config.TrainConfig(**{name: getattr(args, name) for name in config.fields()})
+    # Before JAX loads: a bad flag answers at once.
+    run_config.validate()
     from mnist_flax import parallel, train
 
     cluster = (args.coordinator_address, args.num_processes, args.process_id)
     if args.distributed or any(value is not None for value in cluster):
         # Before anything else touches JAX: the runtime decides which devices exist.
         parallel.initialize_distributed(*cluster)
-
-    # Every TrainConfig field has the flag of the same name (dashes for underscores).
-    fields = {
-        field.name: getattr(args, field.name) for field in dataclasses.fields(train.TrainConfig)
-    }
-    train.train_and_evaluate(train.TrainConfig(**fields))
+    train.train_and_evaluate(run_config)
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from mnist_flax import train
+    from mnist_flax import evaluate
 
-    train.evaluate(args.workdir, checkpoint=args.checkpoint, test_split=args.test_split)
+    evaluate.evaluate(args.workdir, checkpoint=args.checkpoint, test_split=args.test_split)
 
 
 def _convert(args: argparse.Namespace) -> None:

@@ -356,16 +356,17 @@ def save_converted(model: MobileNetV2, out_dir: str | os.PathLike, *, source: st
 
     `source` is recorded in the config for provenance (e.g. the H5 file converted).
     """
-    import orbax.checkpoint as ocp  # heavy import, only needed here and in load_converted
+    import orbax.checkpoint as ocp  # heavy imports, only needed here and in load_converted
+
+    from mnist_flax import checkpoints
 
     out_dir = pathlib.Path(out_dir).absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
     config = ConvertedConfig(
         alpha=model.alpha, include_top=model.include_top, classes=model.classes, source=source
     )
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(out_dir / STATE_DIR, nnx.state(model), force=True)
-    checkpointer.wait_until_finished()
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(out_dir / STATE_DIR, checkpoints.to_saved(nnx.state(model)), force=True)
     (out_dir / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
 
 
@@ -384,6 +385,8 @@ def load_converted(
     variables.
     """
     import orbax.checkpoint as ocp
+
+    from mnist_flax import checkpoints
 
     directory = pathlib.Path(directory).absolute()
     config_path = directory / CONFIG_FILE
@@ -414,9 +417,8 @@ def load_converted(
     # Restore onto this process's first device: the sharding saved with the arrays names the
     # device that wrote them, which another process of a multi-process run does not have.
     on_local_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract_state = jax.tree.map(
-        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=on_local_device),
-        abstract_state,
-    )
-    state = ocp.StandardCheckpointer().restore(directory / STATE_DIR, abstract_state)
-    return nnx.merge(graphdef, state)
+    with ocp.StandardCheckpointer() as checkpointer:
+        restored = checkpointer.restore(
+            directory / STATE_DIR, checkpoints.saved_target(abstract_state, on_local_device)
+        )
+    return nnx.merge(graphdef, checkpoints.into_state(abstract_state, restored))

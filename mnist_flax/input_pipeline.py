@@ -12,17 +12,27 @@ whole; resized images exist one batch at a time.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import math
 import os
 import pathlib
+import urllib.error
 import urllib.parse
+import urllib.request
 
 import numpy as np
-import requests
 import tensorflow as tf
 import tensorflow_datasets as tfds
+
+from mnist_flax.config import RESIZE_MODES
+
+# TensorFlow is here for tf.data and tfds only. Where the full `tensorflow` package is installed
+# (macOS, aarch64 Linux) it would claim the GPU that JAX uses; hide it, as the Flax examples do.
+# (A RuntimeError means TensorFlow's devices were set up already, e.g. by Keras in this process.)
+with contextlib.suppress(RuntimeError):
+    tf.config.set_visible_devices([], "GPU")
 
 IMAGE_SHAPE = (28, 28, 1)
 IDX_NUM_CLASSES = 10
@@ -30,7 +40,6 @@ IDX_IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
 IDX_LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension
 # The IDX source's split names and the file prefixes they read, as in the original MNIST release.
 IDX_SPLIT_PREFIXES = {"train": "train", "test": "t10k"}
-RESIZE_MODES = ("host", "device")
 
 
 class DataError(ValueError):
@@ -228,6 +237,41 @@ def _read_idx_arrays(images: pathlib.Path, labels: pathlib.Path) -> tuple[np.nda
     return image_array, label_array.astype(np.int32)
 
 
+def write_idx_split(
+    directory: str | os.PathLike,
+    prefix: str,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    gz: bool = False,
+) -> tuple[pathlib.Path, pathlib.Path]:
+    """Writes `prefix`-images-idx3-ubyte and -labels-idx1-ubyte (optionally .gz), as MNIST ships.
+
+    `images` is uint8 [N, 28, 28] or [N, 28, 28, 1], `labels` [N] in 0..9; the inverse of what the
+    IDX source reads (the benchmark's synthetic data and the tests use it).
+    """
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    images = np.asarray(images, np.uint8).reshape(len(images), *IMAGE_SHAPE[:2])
+    labels = np.asarray(labels, np.uint8)
+    paths = []
+    for kind, magic, array in (
+        ("images-idx3", IDX_IMAGES_MAGIC, images),
+        ("labels-idx1", IDX_LABELS_MAGIC, labels),
+    ):
+        payload = idx_bytes(array, magic)
+        path = directory / f"{prefix}-{kind}-ubyte{'.gz' if gz else ''}"
+        path.write_bytes(gzip.compress(payload) if gz else payload)
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def idx_bytes(array: np.ndarray, magic: int) -> bytes:
+    """An IDX file's bytes: magic number, big-endian dimensions, then the raw uint8 data."""
+    array = np.asarray(array)
+    return magic.to_bytes(4, "big") + np.asarray(array.shape, ">u4").tobytes() + array.tobytes()
+
+
 def _load_idx_split(
     dataset: str, data_dir: pathlib.Path, split: str, *, process_index: int, process_count: int
 ) -> Split:
@@ -307,9 +351,10 @@ def _check_can_download(builder: tfds.core.DatasetBuilder) -> None:
     if not urls:
         return
     try:
-        with requests.Session() as session:
-            session.head(urls[0], timeout=10, allow_redirects=False).close()
-    except requests.exceptions.RequestException as error:
+        urllib.request.urlopen(urllib.request.Request(urls[0], method="HEAD"), timeout=10).close()
+    except urllib.error.HTTPError:
+        return  # the host answered, with whatever status: it is reachable
+    except OSError as error:  # URLError and timeouts are OSErrors
         host = urllib.parse.urlsplit(urls[0]).netloc
         raise DataError(
             f"cannot download tfds dataset {builder.name!r}: {host} is unreachable "
@@ -354,7 +399,7 @@ def _load_tfds_split(
         _check_can_download(builder)
         try:
             builder.download_and_prepare()
-        except OSError as error:  # requests' errors are OSErrors too
+        except OSError as error:  # tfds' download errors are OSErrors
             raise DataError(
                 f"cannot download tfds dataset {dataset!r} ({type(error).__name__}: "
                 f"{str(error).splitlines()[0][:200]}); {_offline_advice(dataset)}"
@@ -426,11 +471,13 @@ def shuffle_and_batch(
     full-dataset shuffle; fine for raw 28x28 digits and for pooled feature vectors); `None` streams
     in order.
 
-    Every element gets a bool "mask" [batch_size]; the last partial batch is zero-padded with mask
-    False, so each example is seen exactly once and shapes never change (no recompilation).
-    `num_batches` (at least ceil(num_examples / batch_size)) appends fully masked batches, which
-    keeps every process of a multi-process run stepping through the same count. `num_examples`
-    must be the dataset's length; a mismatch fails when the data is read.
+    Every element gets a bool "mask" [batch_size]. The padding is big_vision's (and clu's): every
+    example is marked real, an endless stream of all-zero examples marked padding follows, and
+    `batch(drop_remainder=True).take(num_batches)` cuts whole batches. So each example is seen
+    exactly once, the last batch is filled with padding, and shapes never change (no
+    recompilation). `num_batches` (default ceil(num_examples / batch_size)) may ask for more
+    batches, all padding, which keeps every process of a multi-process run stepping through the
+    same count. `num_examples` must be the dataset's length; a mismatch fails when it is read.
     """
     if not isinstance(examples.element_spec, dict) or "mask" in examples.element_spec:
         raise DataError("shuffle_and_batch needs dict elements without a 'mask' entry")
@@ -444,42 +491,23 @@ def shuffle_and_batch(
         )
 
     examples = examples.apply(tf.data.experimental.assert_cardinality(num_examples))
-    if num_examples == 0 or shuffle_seed is None:
-        batches = examples.batch(batch_size)
-    else:
+    if num_examples > 0 and shuffle_seed is not None:
         order = np.random.default_rng(shuffle_seed).permutation(num_examples)
-        index_batches = tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
-
-        def gather_batches(everything: dict[str, tf.Tensor]) -> tf.data.Dataset:
-            return index_batches.map(
-                lambda indices: {name: tf.gather(v, indices) for name, v in everything.items()}
+        # One element holding the whole dataset, gathered in the shuffled order, then sliced.
+        examples = examples.batch(num_examples).flat_map(
+            lambda everything: tf.data.Dataset.from_tensor_slices(
+                {name: tf.gather(values, order) for name, values in everything.items()}
             )
-
-        # One element holding the whole dataset, then batches gathered from it in shuffled order.
-        batches = examples.batch(num_examples).flat_map(gather_batches)
-
-    specs = examples.element_spec
-
-    def pad(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        size = tf.shape(next(iter(batch.values())))[0]
-        padded = {}
-        for name, values in batch.items():
-            paddings = [[0, batch_size - size]] + [[0, 0]] * (values.shape.rank - 1)
-            padded[name] = tf.ensure_shape(
-                tf.pad(values, paddings), [batch_size, *specs[name].shape]
-            )
-        padded["mask"] = tf.ensure_shape(tf.range(batch_size) < size, [batch_size])
-        return padded
-
-    batches = batches.map(pad)
-    if num_batches > needed:
-        empty = {
-            name: tf.zeros([batch_size, *spec.shape], spec.dtype) for name, spec in specs.items()
-        }
-        empty["mask"] = tf.zeros([batch_size], tf.bool)
-        batches = batches.concatenate(
-            tf.data.Dataset.from_tensors(empty).repeat(num_batches - needed)
         )
+    specs = examples.element_spec
+    padding = {name: tf.zeros(spec.shape, spec.dtype) for name, spec in specs.items()}
+    padding["mask"] = tf.constant(False)
+    batches = (
+        examples.map(lambda example: {**example, "mask": tf.constant(True)})
+        .concatenate(tf.data.Dataset.from_tensors(padding).repeat())
+        .batch(batch_size, drop_remainder=True)
+        .take(num_batches)
+    )
     return batches.prefetch(tf.data.AUTOTUNE)
 
 

@@ -40,6 +40,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mnist_flax.config import DEPTHWISE_IMPLS, MIN_IMAGE_SIZE
+
 # Keras' MobileNetV2 uses these for every BatchNormalization layer.
 BN_EPSILON = 1e-3
 BN_MOMENTUM = 0.999
@@ -65,10 +67,8 @@ BLOCK_SPECS: tuple[tuple[int, int, int], ...] = (
     (320, 1, 6),
 )
 
-DEPTHWISE_IMPLS = ("auto", "conv", "taps")
 POOLINGS = (None, "avg", "max")
 CLASSIFIER_ACTIVATIONS = (None, "softmax", "linear")
-MIN_INPUT_SIZE = 32
 # On CPU the network runs this many images at a time (see `_map_in_chunks`).
 CPU_BATCH_CHUNK = 2
 
@@ -460,8 +460,8 @@ class MobileNetV2(nnx.Module):
             raise ModelConfigError(
                 f"MobileNetV2 expects an NHWC batch with 3 channels, got shape {tuple(x.shape)}"
             )
-        if min(x.shape[1], x.shape[2]) < MIN_INPUT_SIZE:
+        if min(x.shape[1], x.shape[2]) < MIN_IMAGE_SIZE:
             raise ModelConfigError(
                 f"input {x.shape[1]}x{x.shape[2]} is smaller than MobileNetV2's minimum "
-                f"{MIN_INPUT_SIZE}x{MIN_INPUT_SIZE}; resize the images up"
+                f"{MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE}; resize the images up"
             )

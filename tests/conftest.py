@@ -1,4 +1,5 @@
-"""Shared fixtures: where the real ImageNet weights and MNIST files are, when the environment has them.
+"""Shared fixtures: the real ImageNet weights and MNIST files (when the environment has them), tiny IDX
+digits, a He-initialised random backbone, and one persistent compilation cache for the session.
 
 `MNIST_FLAX_SHARED` names a folder laid out like `../shared` (see README, "Running the tests"); tests that
 need it skip cleanly when it is unset or incomplete.
@@ -7,7 +8,11 @@ need it skip cleanly when it is unset or incomplete.
 import os
 import pathlib
 
+import jax
 import pytest
+from helpers import block_digits, use_he_backbone
+
+from mnist_flax import input_pipeline
 
 IMAGENET_NO_TOP = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
 
@@ -31,8 +36,46 @@ def imagenet_h5(request) -> pathlib.Path:
 
 
 @pytest.fixture
+def imagenet_h5_keras2() -> pathlib.Path:
+    """The Keras-2 layout alone: the file `keras.applications` itself downloads and loads."""
+    return _shared_file("weights", IMAGENET_NO_TOP)
+
+
+@pytest.fixture
 def mnist_idx_dir() -> pathlib.Path:
     """The folder holding the real MNIST test set as gzipped IDX files (t10k-* only)."""
     path = _shared_file("data", "mnist")
     _shared_file("data", "mnist", "t10k-images-idx3-ubyte.gz")
     return path
+
+
+@pytest.fixture(scope="session")
+def idx_dir(tmp_path_factory) -> pathlib.Path:
+    """40 training and 20 test block digits (`helpers.block_digits`) as IDX files."""
+    directory = tmp_path_factory.mktemp("idx")
+    input_pipeline.write_idx_split(directory, "train", *block_digits(40, seed=0))
+    input_pipeline.write_idx_split(directory, "t10k", *block_digits(20, seed=1))
+    return directory
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """One persistent compilation cache for the session: runs after the first skip XLA compiles."""
+    names = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    )
+    previous = {name: getattr(jax.config, name) for name in names}
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    yield
+    for name, value in previous.items():
+        jax.config.update(name, value)
+
+
+@pytest.fixture
+def he_backbone(monkeypatch):
+    """Every model built from a config in this test (training, evaluation) has a He-initialised backbone."""
+    use_he_backbone(monkeypatch)

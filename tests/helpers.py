@@ -1,46 +1,25 @@
-"""What several test modules build: tiny IDX files and tfds metadata, tiny models and runs.
+"""What several test modules build: tiny IDX files and tfds metadata, tiny models, configs and batches.
 
 Plain functions (not fixtures), imported as `from helpers import ...`: pytest puts this folder on
-`sys.path`.
+`sys.path`. Fixtures live in `conftest.py`.
 """
 
-import gzip
 import os
 import pathlib
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import tensorflow_datasets as tfds
 from flax import nnx
 
-from mnist_flax import train
+from mnist_flax import model as model_lib
+from mnist_flax.config import MIN_IMAGE_SIZE, TrainConfig
+from mnist_flax.mobilenet_v2 import MobileNetV2
+from mnist_flax.model import TransferClassifier, create_model
 
-IMAGE_SIZE = 32  # the side of every tiny model's input
+IMAGE_SIZE = MIN_IMAGE_SIZE  # the side of every tiny model's input
 BATCH = 8
-
-
-def idx_bytes(array: np.ndarray, magic: int) -> bytes:
-    """An IDX file's bytes: magic number, big-endian dimensions, then the raw uint8 data."""
-    return magic.to_bytes(4, "big") + np.asarray(array.shape, ">u4").tobytes() + array.tobytes()
-
-
-def write_idx(
-    folder: pathlib.Path, prefix: str, images: np.ndarray, labels: np.ndarray, gz: bool = False
-) -> tuple[pathlib.Path, pathlib.Path]:
-    """`prefix`-images-idx3-ubyte and -labels-idx1-ubyte as MNIST is distributed (optionally .gz).
-
-    `images` is [N, 28, 28] or [N, 28, 28, 1] uint8.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for kind, payload in (
-        ("images-idx3", idx_bytes(images.reshape(len(images), 28, 28), 2051)),
-        ("labels-idx1", idx_bytes(labels, 2049)),
-    ):
-        path = folder / f"{prefix}-{kind}-ubyte{'.gz' if gz else ''}"
-        path.write_bytes(gzip.compress(payload) if gz else payload)
-        paths.append(path)
-    return tuple(paths)
 
 
 def block_digits(num_examples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -69,18 +48,18 @@ def write_tfds_metadata(tfds_dir: pathlib.Path, name: str, num_examples: int) ->
     builder.info.write_to_directory(builder.data_dir)
 
 
-def tiny_config(idx_dir: pathlib.Path, workdir: pathlib.Path, **overrides) -> train.TrainConfig:
+def tiny_config(idx_dir: pathlib.Path, workdir: pathlib.Path, **overrides) -> TrainConfig:
     options = dict(
         data_dir=str(idx_dir),
-        image_size=32,
+        image_size=IMAGE_SIZE,
         alpha=0.35,
         weights="none",
-        batch_size=8,
+        batch_size=BATCH,
         epochs=4,
         quiet=True,
         workdir=str(workdir),
     )
-    return train.TrainConfig(**{**options, **overrides})
+    return TrainConfig(**{**options, **overrides})
 
 
 def without_seconds(history: dict) -> list[dict]:
@@ -89,15 +68,20 @@ def without_seconds(history: dict) -> list[dict]:
 
 def tiny_model(
     num_classes: int = 4, *, dtype: str = "float32", depthwise: str = "auto"
-) -> train.TransferClassifier:
-    config = train.TrainConfig(
+) -> TransferClassifier:
+    config = TrainConfig(
         image_size=IMAGE_SIZE, alpha=0.35, weights="none", dtype=dtype, depthwise=depthwise
     )
-    return train.create_model(config, num_classes)
+    return create_model(config, num_classes)
 
 
-def he_initialise_backbone(model: train.TransferClassifier, seed: int = 0) -> None:
-    """Gives the random backbone informative features.
+def he_initialise_backbone(model: TransferClassifier, seed: int = 0) -> None:
+    """Gives the classifier's random backbone informative features (see `he_initialise`)."""
+    he_initialise(model.backbone, seed)
+
+
+def he_initialise(backbone: MobileNetV2, seed: int = 0) -> None:
+    """Gives a random MobileNetV2 informative features.
 
     Keras' (and our) random MobileNetV2 uses Glorot-uniform kernels; with BatchNorm frozen at its
     initial statistics the activations shrink by orders of magnitude per block (1e-11 at the
@@ -106,13 +90,25 @@ def he_initialise_backbone(model: train.TransferClassifier, seed: int = 0) -> No
     """
     # NumPy draws: eager jax.random ops would compile once per kernel shape (~30 s in all).
     rng = np.random.default_rng(seed)
-    for path, variable in nnx.to_flat_state(nnx.state(model.backbone, nnx.Param)):
+    for path, variable in nnx.to_flat_state(nnx.state(backbone, nnx.Param)):
         if path[-1] != "kernel":
             continue
         kh, kw, cin, _ = variable.shape
         fan_in = kh * kw if "depthwise" in path else kh * kw * cin
         kernel = rng.normal(size=variable.shape) * np.sqrt(2.0 / fan_in)
         variable.set_value(jnp.asarray(kernel, jnp.float32))
+
+
+def use_he_backbone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Makes every model built from a config (training, evaluation) get a He-initialised backbone."""
+    build_backbone = model_lib.build_backbone
+
+    def he_backbone(config, rngs):
+        backbone = build_backbone(config, rngs)
+        he_initialise(backbone)
+        return backbone
+
+    monkeypatch.setattr(model_lib, "build_backbone", he_backbone)
 
 
 def quadrant_batches(num_examples: int, seed: int) -> list[dict[str, np.ndarray]]:

@@ -6,9 +6,8 @@ measurement is present and is a positive, finite number, in the printed table an
 
 import json
 import math
-import os
 import pathlib
-import subprocess
+import runpy
 import sys
 
 import pytest
@@ -19,7 +18,6 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["--image-size", "32", "--steps", "2", "--repeats", "2", "--warmup", "1"]
 TINY += ["--pipeline-batches", "2"]
 OUR_MEASUREMENTS = ("pipeline", "step", "forward", "end-to-end")
-IMAGENET_NO_TOP = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
 
 
 def numbers(tree) -> list[float]:
@@ -107,11 +105,8 @@ def test_resize_modes_are_compared(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_keras_baseline_with_the_shared_weights(tmp_path, mnist_idx_dir):
-    # The Keras-2 layout: the file `keras.applications` itself loads.
-    weights = pathlib.Path(os.environ["MNIST_FLAX_SHARED"], "weights", IMAGENET_NO_TOP)
-    if not weights.is_file():
-        pytest.skip(f"{weights} is missing")
+def test_keras_baseline_with_the_shared_weights(tmp_path, mnist_idx_dir, imagenet_h5_keras2):
+    weights = imagenet_h5_keras2
     json_file = tmp_path / "bench.json"
     benchmark.main(
         [
@@ -161,11 +156,10 @@ def test_missing_weights_file_is_one_line_error(tmp_path, capsys):
     assert error.startswith("error: --weights") and "missing.h5" in error
 
 
-def test_script_is_the_module_command_line():
-    result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--help"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert "--keras-baseline" in result.stdout and "--cache-examples" in result.stdout
+def test_script_is_the_module_command_line(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["scripts/benchmark.py", "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(REPO / "scripts" / "benchmark.py"), run_name="__main__")
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--keras-baseline" in out and "--cache-examples" in out

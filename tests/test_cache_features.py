@@ -2,7 +2,7 @@
 
 The cached run must reproduce the end-to-end run (same head steps, same shuffled order, same
 history and checkpoints), resume like it, and work in bfloat16. The random backbone is
-He-initialised here (see test_train.he_initialise_backbone): the Glorot-initialised one's pooled
+He-initialised here (see helpers.he_initialise_backbone): the Glorot-initialised one's pooled
 features are ~1e-11, on which any order of any features would give the same history.
 """
 
@@ -10,30 +10,14 @@ import dataclasses
 import json
 
 import pytest
-import test_checkpoints
-from helpers import he_initialise_backbone, tiny_config, without_seconds
+from helpers import tiny_config, use_he_backbone, without_seconds
 
-from mnist_flax import checkpoints, train
-
-# The tiny IDX digits and the module's persistent compilation cache of test_checkpoints.
-idx_dir = test_checkpoints.idx_dir
-compilation_cache = test_checkpoints.compilation_cache
-
-
-def use_he_backbone(monkeypatch: pytest.MonkeyPatch) -> None:
-    create_model = train.create_model
-
-    def he_model(config, num_classes):
-        model = create_model(config, num_classes)
-        he_initialise_backbone(model)
-        return model
-
-    monkeypatch.setattr(train, "create_model", he_model)
+from mnist_flax import checkpoints, evaluate, train
 
 
 @pytest.fixture(autouse=True)
-def he_backbone(monkeypatch):
-    use_he_backbone(monkeypatch)
+def he_backbone_everywhere(he_backbone):
+    """Every run here has the He-initialised backbone."""
 
 
 def assert_same_history(a: dict, b: dict, *, rel: float, abs: float) -> None:
@@ -94,7 +78,7 @@ def test_bfloat16_trains_evaluates_and_caches(idx_dir, tmp_path):
     )
     # The same bfloat16 backbone, compiled into different programs: equal up to bfloat16 noise.
     assert_same_history(cached, end_to_end, rel=2e-2, abs=2e-2)
-    evaluated = train.evaluate(tmp_path / "bf16", checkpoint="latest")
+    evaluated = evaluate.evaluate(tmp_path / "bf16", checkpoint="latest")
     assert evaluated["test_accuracy"] == pytest.approx(
         end_to_end["epochs"][-1]["test_accuracy"], abs=1e-6
     )

@@ -10,9 +10,9 @@ import time
 
 import pytest
 import tensorflow_datasets as tfds
-from helpers import block_digits, write_idx, write_tfds_metadata
+from helpers import block_digits, write_tfds_metadata
 
-from mnist_flax import cli, input_pipeline
+from mnist_flax import cli, config, input_pipeline
 
 TINY = ["--image-size", "32", "--alpha", "0.35", "--weights", "none", "--batch-size", "8"]
 
@@ -42,14 +42,36 @@ def test_invalid_flags_give_one_error_line_and_status_2(flags, message, capsys, 
     assert not (tmp_path / "run").exists()
 
 
-def test_train_flag_defaults_are_train_config_defaults():
-    """cli.py repeats TrainConfig's defaults (it must not import train.py for --help); same values."""
-    from mnist_flax import train
-
+def test_train_flags_are_the_config_fields_with_their_defaults_shown(capsys):
     args = cli.build_parser().parse_args(["train"])
-    assert {
-        field.name: getattr(args, field.name) for field in dataclasses.fields(train.TrainConfig)
-    } == dataclasses.asdict(train.TrainConfig())
+    assert {name: getattr(args, name) for name in config.fields()} == dataclasses.asdict(
+        config.TrainConfig()
+    )
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["train", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    for name, field in config.fields().items():
+        flag = "--" + name.replace("_", "-")
+        assert flag in shown
+        if field.default is not None:
+            assert f"(default: {field.default})" in shown, flag
+
+
+def test_the_config_and_the_help_import_neither_jax_nor_tensorflow():
+    """`mnist-flax train --help` answers before the heavy libraries load."""
+    code = (
+        "import sys\n"
+        "from mnist_flax import cli\n"
+        "try:\n"
+        "    cli.main(['train', '--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(sorted(m for m in ('jax', 'tensorflow', 'flax') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_an_invalid_choice_names_the_flag(capsys):
@@ -106,8 +128,8 @@ def test_train_on_tfds_mock_data_then_evaluate(tmp_path, monkeypatch, capsys):
 def test_ctrl_c_stops_after_a_saved_epoch_and_the_next_run_resumes(tmp_path):
     """A real SIGINT to `python -m mnist_flax train`, then the same command again."""
 
-    write_idx(tmp_path / "idx", "train", *block_digits(2000, seed=0))
-    write_idx(tmp_path / "idx", "t10k", *block_digits(16, seed=1))
+    input_pipeline.write_idx_split(tmp_path / "idx", "train", *block_digits(2000, seed=0))
+    input_pipeline.write_idx_split(tmp_path / "idx", "t10k", *block_digits(16, seed=1))
     command = [
         sys.executable, "-m", "mnist_flax", "train", *TINY, "--epochs", "3", "--quiet",
         "--data-dir", str(tmp_path / "idx"), "--workdir", str(tmp_path / "run"),

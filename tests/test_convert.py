@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from keras.src.legacy.saving import legacy_h5_format
-from test_mobilenet_v2 import assert_close_to_keras, random_images, random_keras_mobilenet
+from keras_helpers import assert_close_to_keras, random_images, random_keras_mobilenet
 
 from mnist_flax import convert
 from mnist_flax.convert import WeightsError, mobilenet_v2_from_keras, save_converted

@@ -11,10 +11,17 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from helpers import idx_bytes, write_idx, write_tfds_metadata
+from helpers import write_tfds_metadata
 
 from mnist_flax import input_pipeline
-from mnist_flax.input_pipeline import DataError
+from mnist_flax.input_pipeline import (
+    IDX_IMAGES_MAGIC,
+    IDX_LABELS_MAGIC,
+    DataError,
+    idx_bytes,
+    write_idx_split,
+)
+from mnist_flax.model import preprocess_on_device
 
 
 def digits(num: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -38,8 +45,8 @@ def first_pixels(dataset: tf.data.Dataset) -> list[int]:
 @pytest.fixture
 def idx_dir(tmp_path) -> pathlib.Path:
     """20 training and 11 test digits, gzipped."""
-    write_idx(tmp_path, "train", *digits(20, seed=1), gz=True)
-    write_idx(tmp_path, "t10k", *digits(11, seed=2), gz=True)
+    write_idx_split(tmp_path, "train", *digits(20, seed=1), gz=True)
+    write_idx_split(tmp_path, "t10k", *digits(11, seed=2), gz=True)
     return tmp_path
 
 
@@ -49,8 +56,8 @@ def idx_dir(tmp_path) -> pathlib.Path:
 @pytest.mark.parametrize("gz", [True, False], ids=["gz", "plain"])
 def test_idx_files_load_with_their_values_and_labels(tmp_path, gz):
     train_images, train_labels = digits(20, seed=1)
-    write_idx(tmp_path, "train", train_images, train_labels, gz=gz)
-    write_idx(tmp_path, "t10k", *digits(11, seed=2), gz=gz)
+    write_idx_split(tmp_path, "train", train_images, train_labels, gz=gz)
+    write_idx_split(tmp_path, "t10k", *digits(11, seed=2), gz=gz)
 
     split = input_pipeline.load_split("mnist", "train", data_dir=tmp_path)
 
@@ -91,7 +98,7 @@ def test_idx_split_strings_select_those_examples(idx_dir, split, expected):
 
 
 def test_idx_test_files_alone_serve_test_splits_and_name_the_missing_train_files(tmp_path):
-    write_idx(tmp_path, "t10k", *digits(11), gz=True)
+    write_idx_split(tmp_path, "t10k", *digits(11), gz=True)
 
     assert input_pipeline.load_split("mnist", "test[:4]", data_dir=tmp_path).num_examples == 4
     with pytest.raises(DataError, match=r"train-images-idx3-ubyte.*train-labels-idx1-ubyte"):
@@ -116,13 +123,13 @@ def test_idx_bad_split_strings_are_data_errors(idx_dir, split, message):
 def corrupt(kind: str, folder: pathlib.Path) -> str:
     """Writes a t10k pair with one defect; returns the name of the file the error must name."""
     images, labels = digits(11)
-    image_bytes = idx_bytes(images[..., 0], 2051)
-    label_bytes = idx_bytes(labels, 2049)
+    image_bytes = idx_bytes(images[..., 0], IDX_IMAGES_MAGIC)
+    label_bytes = idx_bytes(labels, IDX_LABELS_MAGIC)
     target = "t10k-images-idx3-ubyte"
     if kind == "images magic":
-        image_bytes = idx_bytes(images[..., 0], 2049)
+        image_bytes = idx_bytes(images[..., 0], IDX_LABELS_MAGIC)
     elif kind == "labels magic":
-        label_bytes = idx_bytes(labels, 2051)
+        label_bytes = idx_bytes(labels, IDX_IMAGES_MAGIC)
         target = "t10k-labels-idx1-ubyte"
     elif kind == "truncated images":
         image_bytes = image_bytes[:-10]
@@ -132,13 +139,13 @@ def corrupt(kind: str, folder: pathlib.Path) -> str:
         label_bytes = label_bytes[:-1]
         target = "t10k-labels-idx1-ubyte"
     elif kind == "count mismatch":
-        label_bytes = idx_bytes(labels[:10], 2049)
+        label_bytes = idx_bytes(labels[:10], IDX_LABELS_MAGIC)
     elif kind == "label out of range":
         labels[7] = 10
-        label_bytes = idx_bytes(labels, 2049)
+        label_bytes = idx_bytes(labels, IDX_LABELS_MAGIC)
         target = "t10k-labels-idx1-ubyte"
     elif kind == "not 28x28":
-        image_bytes = idx_bytes(np.zeros((11, 32, 32), np.uint8), 2051)
+        image_bytes = idx_bytes(np.zeros((11, 32, 32), np.uint8), IDX_IMAGES_MAGIC)
     elif kind == "truncated header":
         image_bytes = image_bytes[:9]
     for name, payload in (
@@ -157,8 +164,8 @@ def corrupt(kind: str, folder: pathlib.Path) -> str:
 @pytest.mark.parametrize(
     ("kind", "message"),
     [
-        ("images magic", "magic number 2049, expected 2051"),
-        ("labels magic", "magic number 2051, expected 2049"),
+        ("images magic", f"magic number {IDX_LABELS_MAGIC}, expected {IDX_IMAGES_MAGIC}"),
+        ("labels magic", f"magic number {IDX_IMAGES_MAGIC}, expected {IDX_LABELS_MAGIC}"),
         ("truncated images", "truncated"),
         ("images longer than header", "longer than its header"),
         ("truncated labels", "truncated"),
@@ -395,16 +402,19 @@ def test_preprocess_images_keeps_values_at_the_same_size():
 
 
 @pytest.mark.parametrize("image_size", [32, 97])
-def test_device_preprocessing_in_train_agrees_with_tf_data(image_size):
-    if not (pathlib.Path(input_pipeline.__file__).parent / "train.py").exists():
-        pytest.skip("mnist_flax/train.py (preprocess_on_device) is not written yet")
-    from mnist_flax.train import preprocess_on_device
+def test_device_preprocessing_agrees_with_tf_data(image_size):
+    """`--resize device` computes the pixels tf.data computes, on random digits.
 
+    Random pixels make every interpolation weight count: nearest-neighbour resizing of the same
+    digits (checked too) is far off, so a wrong interpolation could not pass.
+    """
     images = digits(3)[0]
     on_host = input_pipeline.preprocess_images(tf.constant(images), image_size).numpy()
     on_device = np.asarray(preprocess_on_device(images, image_size))
     assert on_device.shape == on_host.shape
     np.testing.assert_allclose(on_device, on_host, atol=1e-5)
+    nearest = tf.image.resize(tf.cast(images, tf.float32), (image_size,) * 2, method="nearest")
+    assert np.abs(nearest.numpy() / 127.5 - 1.0 - on_device[..., :1]).max() > 0.1
 
 
 # --- shuffling, batching, padding ------------------------------------------------------------------

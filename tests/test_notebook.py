@@ -10,16 +10,18 @@ import pathlib
 
 import nbformat
 import pytest
-from helpers import block_digits, write_idx
+from helpers import block_digits
 from nbclient import NotebookClient
+
+from mnist_flax import input_pipeline
 
 NOTEBOOK = pathlib.Path(__file__).parents[1] / "scripts" / "colab_tpu.ipynb"
 
 
 @pytest.mark.slow
 def test_colab_notebook_trains_plots_and_benchmarks(tmp_path, monkeypatch):
-    write_idx(tmp_path / "idx", "train", *block_digits(64, seed=0))
-    write_idx(tmp_path / "idx", "t10k", *block_digits(32, seed=1))
+    input_pipeline.write_idx_split(tmp_path / "idx", "train", *block_digits(64, seed=0))
+    input_pipeline.write_idx_split(tmp_path / "idx", "t10k", *block_digits(32, seed=1))
     monkeypatch.setenv("MNIST_FLAX_NOTEBOOK_SMOKE", "1")
     monkeypatch.setenv("MNIST_FLAX_DATA_DIR", str(tmp_path / "idx"))
     monkeypatch.setenv("MNIST_FLAX_WORKDIR", str(tmp_path / "run"))

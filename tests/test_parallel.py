@@ -15,9 +15,9 @@ import sys
 import jax
 import numpy as np
 import pytest
-from helpers import block_digits, without_seconds, write_idx
+from helpers import block_digits, without_seconds
 
-from mnist_flax import cli, parallel
+from mnist_flax import cli, input_pipeline, parallel
 
 TESTS_DIR = pathlib.Path(__file__).parent
 EIGHT_DEVICES = "--xla_force_host_platform_device_count=8"
@@ -30,7 +30,9 @@ import jax, numpy as np
 from flax import nnx
 sys.path.insert(0, sys.argv[1])
 from helpers import he_initialise_backbone, quadrant_batches, tiny_model
-from mnist_flax import parallel, train
+from mnist_flax import parallel
+from mnist_flax.model import make_optimizer
+from mnist_flax.steps import StepRunner, make_metrics
 
 assert len(jax.devices()) == 8, jax.devices()
 batches = quadrant_batches(24, seed=0)
@@ -42,17 +44,17 @@ for name, devices in (("one", jax.devices()[:1]), ("eight", jax.devices())):
     model = tiny_model()
     he_initialise_backbone(model)
     initial_kernel = np.asarray(model.head.kernel[...])
-    steps = train.TrainingSteps(model, train.make_optimizer(model, 1e-2), train.make_metrics(),
-                                mesh=mesh)
+    steps = StepRunner(model, make_optimizer(model, 1e-2), make_metrics(), mesh=mesh)
     for batch in batches:
         placed = parallel.shard_batch(batch, mesh)
         steps.train(placed)
-    features = parallel.local_rows(steps.features(placed), mesh)
+    features = parallel.local_rows(steps.features(placed["image"]), mesh)
     results[name] = {
-        "train": steps.metrics(),
+        "train": steps.read_metrics(),
         "batch_devices": len(placed["image"].sharding.device_set),
         "state_replicated": all(leaf.sharding.is_fully_replicated
-                                for leaf in jax.tree.leaves(steps.compiled.state)),
+                                for leaf in jax.tree.leaves((steps.model_state, steps.optimizer_state,
+                                                             steps.metrics_state))),
         "features_shape": list(features.shape),
     }
     steps.sync()
@@ -95,8 +97,8 @@ def test_eight_devices_train_like_one():
 
 
 def test_a_batch_the_devices_do_not_divide_is_one_clear_error(tmp_path):
-    write_idx(tmp_path / "idx", "train", *block_digits(8, seed=0))
-    write_idx(tmp_path / "idx", "t10k", *block_digits(8, seed=1))
+    input_pipeline.write_idx_split(tmp_path / "idx", "train", *block_digits(8, seed=0))
+    input_pipeline.write_idx_split(tmp_path / "idx", "t10k", *block_digits(8, seed=1))
     command = [
         "-m", "mnist_flax", "train", "--image-size", "32", "--alpha", "0.35",
         "--weights", "none", "--batch-size", "12", "--data-dir", str(tmp_path / "idx"),
@@ -158,17 +160,11 @@ def free_port() -> int:
 HE_TRAIN = """
 import sys
 sys.path.insert(0, sys.argv[1])
-from helpers import he_initialise_backbone
-from mnist_flax import cli, train
+import pytest
+from helpers import use_he_backbone
+from mnist_flax import cli
 
-create_model = train.create_model
-
-def he_model(config, num_classes):
-    model = create_model(config, num_classes)
-    he_initialise_backbone(model)
-    return model
-
-train.create_model = he_model
+use_he_backbone(pytest.MonkeyPatch())
 sys.exit(cli.main(sys.argv[2:]))
 """
 
@@ -182,8 +178,8 @@ def test_two_processes_train_like_one(tmp_path):
     15 training examples; the shards of 8 and 7 rows pad to 8 each), where the order cannot
     matter, and the test split (11 examples, shards of 6 and 5) takes several padded batches.
     """
-    write_idx(tmp_path / "idx", "train", *block_digits(15, seed=0))
-    write_idx(tmp_path / "idx", "t10k", *block_digits(11, seed=1))
+    input_pipeline.write_idx_split(tmp_path / "idx", "train", *block_digits(15, seed=0))
+    input_pipeline.write_idx_split(tmp_path / "idx", "t10k", *block_digits(11, seed=1))
     flags = [
         "train", "--image-size", "32", "--alpha", "0.35", "--weights", "none",
         "--learning-rate", "1e-3", "--epochs", "3", "--quiet", "--data-dir", str(tmp_path / "idx"),

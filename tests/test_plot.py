@@ -1,9 +1,9 @@
-"""scripts/plot.py and the figures of `mnist_flax.plotting`."""
+"""The figures of `mnist_flax.plotting` and its command line, scripts/plot.py."""
 
 import json
 import pathlib
+import runpy
 import struct
-import subprocess
 import sys
 
 import numpy as np
@@ -36,35 +36,32 @@ def write_history(path: pathlib.Path, epochs: int = 3) -> None:
     path.write_text(json.dumps({"config": config, "epochs": records}))
 
 
-def test_plot_script_writes_an_800x800_png(tmp_path):
+def test_plot_command_writes_an_800x800_png(tmp_path, capsys):
     write_history(tmp_path / "history.json")
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "plot.py"), str(tmp_path / "history.json"),
-         "-o", str(tmp_path / "out.png")],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
+    assert plotting.main([str(tmp_path / "history.json"), "-o", str(tmp_path / "out.png")]) == 0
     assert png_size(tmp_path / "out.png") == (800, 800)
+    assert capsys.readouterr().out == f"wrote {tmp_path / 'out.png'}\n"
 
     # A workdir works too, and the default output is its curves.png.
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "plot.py"), str(tmp_path)],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
+    assert plotting.main([str(tmp_path)]) == 0
     assert png_size(tmp_path / "curves.png") == (800, 800)
 
 
-def test_plot_script_reports_a_missing_history(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "plot.py"), str(tmp_path)],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert result.returncode == 2
+def test_plot_command_reports_a_missing_history(tmp_path, capsys):
+    assert plotting.main([str(tmp_path)]) == 2
     assert (
-        result.stderr
+        capsys.readouterr().err
         == f"error: {tmp_path / 'history.json'} does not exist; give a workdir or its history.json\n"
     )
+
+
+def test_the_script_runs_the_plot_command(tmp_path, monkeypatch):
+    write_history(tmp_path / "history.json")
+    monkeypatch.setattr(sys, "argv", ["scripts/plot.py", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(ROOT / "scripts" / "plot.py"), run_name="__main__")
+    assert exit_info.value.code == 0
+    assert png_size(tmp_path / "curves.png") == (800, 800)
 
 
 def test_an_empty_history_is_refused(tmp_path):

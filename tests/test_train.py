@@ -1,171 +1,198 @@
-"""The classifier, the freeze labels and the jitted steps, on tiny synthetic batches (no input pipeline)."""
+"""Whole runs of `train_and_evaluate` on tiny IDX files: checkpoints, resume, Ctrl-C, refusals, evaluate.
 
-import jax
-import jax.numpy as jnp
+Every run uses 32x32 inputs, MobileNetV2 alpha 0.35 with random weights and a few dozen examples
+(`idx_dir`); the session's persistent compilation cache lets the runs after the first skip XLA.
+"""
+
+import dataclasses
+import hashlib
+import json
+import pathlib
+import shutil
+
 import numpy as np
 import pytest
-from flax import nnx
-from helpers import BATCH, IMAGE_SIZE, he_initialise_backbone, quadrant_batches, tiny_model
+from helpers import tiny_config, without_seconds
 
-from mnist_flax import train
-
-
-def raw_bits(tree) -> list[np.ndarray]:
-    return [np.asarray(leaf).view(np.uint8).copy() for leaf in jax.tree.leaves(tree)]
+from mnist_flax import checkpoints, config, evaluate, input_pipeline, train
 
 
-def test_freeze_labels_label_backbone_frozen_and_head_trainable():
-    model = tiny_model()
-    labels = nnx.to_flat_state(train.freeze_labels(model))
-    by_module = {
-        (path[0], label) for path, label in labels
-    }  # every backbone param frozen, every head param trainable
-    assert by_module == {("backbone", train.FROZEN), ("head", train.TRAINABLE)}
-    assert len(labels) == len(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    assert sorted(path for path, label in labels if label == train.TRAINABLE) == [
-        ("head", "bias"),
-        ("head", "kernel"),
-    ]
-
-
-def test_a_parameter_outside_backbone_and_head_is_refused():
-    model = tiny_model()
-    model.temperature = nnx.Param(jnp.ones(()))
-    with pytest.raises(AssertionError, match="temperature"):
-        train.make_optimizer(model, 1e-3)
-
-
-def test_training_learns_the_head_and_leaves_the_backbone_bit_identical():
-    model = tiny_model()
-    he_initialise_backbone(model)
-    optimizer = train.make_optimizer(model, 1e-2)
-    backbone_before = raw_bits(nnx.state(model.backbone))  # Params and BatchStats
-    head_before = raw_bits(nnx.state(model.head))
-    steps = train.TrainingSteps(model, optimizer, train.make_metrics())
-
-    history = []
-    batches = quadrant_batches(64, seed=0)
-    for _ in range(4):
-        steps.reset_metrics()
-        for batch in batches:
-            steps.train(batch)
-        history.append(steps.metrics())
-    steps.sync()
-
-    assert history[-1]["loss"] < 0.6 * history[0]["loss"], history
-    assert history[-1]["accuracy"] > history[0]["accuracy"] + 0.2, history
-    assert len(nnx.state(model.backbone, nnx.BatchStat)) > 0
-    for before, after in zip(backbone_before, raw_bits(nnx.state(model.backbone)), strict=True):
-        assert np.array_equal(before, after)
-    for before, after in zip(head_before, raw_bits(nnx.state(model.head)), strict=True):
-        assert not np.array_equal(before, after)
-    assert int(optimizer.step[...]) == 4 * len(batches)
-
-
-# "taps" runs the CPU path (images in chunks through a lax.map loop); "conv" is one straight graph,
-# whose FLOPs XLA's cost analysis counts without loops.
-@pytest.mark.parametrize("depthwise", ["taps", "conv"])
-def test_compiled_train_step_does_not_run_the_backbone_backward_pass(depthwise):
-    model = tiny_model(depthwise=depthwise)
-    steps = train.TrainingSteps(model, train.make_optimizer(model, 1e-3), train.make_metrics())
-    batch = jax.device_put(quadrant_batches(BATCH, seed=0)[0])
-
-    train_flops = steps.train.lower(batch).compile().cost_analysis()["flops"]
-    graphdef, state = nnx.split(model)
-    forward = jax.jit(lambda state, images: nnx.merge(graphdef, state)(images))
-    forward_flops = forward.lower(state, batch["image"]).compile().cost_analysis()["flops"]
-
-    # A backward pass through the backbone would make this about 3x.
-    assert train_flops <= 1.3 * forward_flops, (train_flops, forward_flops)
-
-
-def test_padding_rows_weigh_nothing():
-    """Two batches that differ only in their padded rows give the same update and metrics."""
-    real = quadrant_batches(BATCH, seed=1)[0]
-    mask = np.arange(BATCH) < 5
-    results = []
-    for garbage_seed in (0, 1):
-        rng = np.random.default_rng(garbage_seed)
-        batch = {
-            "image": np.where(
-                mask[:, None, None, None], real["image"], rng.normal(size=real["image"].shape)
-            ).astype(np.float32),
-            "label": np.where(mask, real["label"], rng.integers(0, 4, BATCH)).astype(np.int32),
-            "mask": mask,
-        }
-        model = tiny_model()
-        he_initialise_backbone(model)
-        optimizer = train.make_optimizer(model, 1e-2)
-        metrics = train.make_metrics()
-        train.train_step(model, optimizer, metrics, batch)
-        computed = metrics.compute()
-        results.append(
-            (
-                np.asarray(model.head.kernel[...]),
-                float(computed["loss"]),
-                float(computed["accuracy"]),
-                int(metrics.accuracy.count[...]),
-            )
-        )
-    (kernel_a, loss_a, accuracy_a, count_a), (kernel_b, loss_b, accuracy_b, count_b) = results
-    np.testing.assert_allclose(kernel_a, kernel_b, rtol=1e-6, atol=1e-7)
-    assert loss_a == pytest.approx(loss_b, rel=1e-6)
-    assert accuracy_a == accuracy_b
-    assert count_a == count_b == 5
-
-
-def test_preprocess_on_device_scales_to_minus_one_one_in_rgb():
-    images = np.zeros((2, 28, 28, 1), np.uint8)
-    images[1] = 255
-    out = train.preprocess_on_device(jnp.asarray(images), 40)
-    assert out.shape == (2, 40, 40, 3) and out.dtype == jnp.float32
-    np.testing.assert_allclose(out[0], -1.0, atol=1e-6)
-    np.testing.assert_allclose(out[1], 1.0, atol=1e-6)
-
-
-def test_uint8_batches_are_resized_inside_the_model():
-    model = tiny_model()
-    he_initialise_backbone(model)
-    digits = np.random.default_rng(0).integers(0, 256, (2, 28, 28, 1)).astype(np.uint8)
-    forward = nnx.jit(lambda model, images: model(images))
-    from_uint8 = forward(model, jnp.asarray(digits))
-    from_float = forward(model, train.preprocess_on_device(jnp.asarray(digits), IMAGE_SIZE))
-    # Equal up to XLA fusing the resize into the first convolution differently.
-    np.testing.assert_allclose(np.asarray(from_uint8), np.asarray(from_float), rtol=1e-4, atol=1e-5)
-
-
-def test_bfloat16_backbone_gives_float32_logits_and_float32_params():
-    model = tiny_model(dtype="bfloat16")
-    logits = nnx.jit(lambda model, images: model(images))(
-        model, jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3))
-    )
-    assert logits.dtype == jnp.float32
-    assert {leaf.dtype for leaf in jax.tree.leaves(nnx.state(model, nnx.Param))} == {
-        jnp.dtype(jnp.float32)
+def snapshot(directory: pathlib.Path) -> dict[str, str]:
+    """Every file under `directory` with a hash of its bytes (and its modification time)."""
+    if not directory.exists():
+        return {}
+    return {
+        str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
+        + f"@{path.stat().st_mtime_ns}"
+        for path in sorted(directory.rglob("*"))
+        if path.is_file()
     }
 
 
-def test_a_cached_features_batch_takes_the_same_step_without_the_backbone():
-    """`--cache-features` batches hold the backbone's output: same update, a fraction of the work."""
-    images = jax.device_put(quadrant_batches(BATCH, seed=2)[0])
-    results = {}
-    for kind in ("image", "features"):
-        model = tiny_model()
-        he_initialise_backbone(model)
-        steps = train.TrainingSteps(model, train.make_optimizer(model, 1e-2), train.make_metrics())
-        batch = images
-        if kind == "features":
-            batch = {"features": steps.features(images), "label": images["label"]}
-            batch["mask"] = images["mask"]
-        flops = steps.train.lower(batch).compile().cost_analysis()["flops"]
-        steps.train(batch)
-        metrics = steps.metrics()
-        steps.sync()
-        results[kind] = (flops, metrics, np.asarray(model.head.kernel[...]))
-    (image_flops, image_metrics, image_kernel) = results["image"]
-    (features_flops, features_metrics, features_kernel) = results["features"]
-    # What remains is the head and the optimizer's pass over every parameter (zero updates
-    # included): under 5% of the end-to-end step here, and less at real image sizes.
-    assert features_flops < 0.1 * image_flops, (features_flops, image_flops)
-    assert features_metrics == pytest.approx(image_metrics, rel=1e-5)
-    np.testing.assert_allclose(features_kernel, image_kernel, rtol=1e-5, atol=1e-6)
+@pytest.fixture(scope="module")
+def straight_run(idx_dir, tmp_path_factory) -> tuple[pathlib.Path, dict]:
+    """Four epochs in one go: the reference the interrupted and resumed runs must reproduce."""
+    workdir = tmp_path_factory.mktemp("straight")
+    history = train.train_and_evaluate(tiny_config(idx_dir, workdir))
+    return workdir, history
+
+
+def test_straight_run_writes_history_checkpoints_and_curves(straight_run):
+    workdir, history = straight_run
+    assert [record["epoch"] for record in history["epochs"]] == [1, 2, 3, 4]
+    on_disk = json.loads((workdir / "history.json").read_text())
+    assert on_disk == history
+    assert on_disk["config"]["num_classes"] == 10 and on_disk["config"]["epochs"] == 4
+    for record in on_disk["epochs"]:
+        assert set(record) == {
+            "epoch",
+            "train_loss",
+            "train_accuracy",
+            "test_loss",
+            "test_accuracy",
+            "seconds",
+        }
+    assert (workdir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(workdir.glob("*.tmp"))
+
+    accuracies = {r["epoch"]: r["test_accuracy"] for r in history["epochs"]}
+    best = max(sorted(accuracies), key=lambda epoch: (accuracies[epoch], epoch))
+    store = checkpoints.RunCheckpoints(workdir, read_only=True)
+    try:
+        kept = set(store.manager.all_steps())
+        assert kept == {2, 3, 4} | {best}  # the last KEEP_LATEST plus the best
+        assert store.best_epoch() == best
+    finally:
+        store.close()
+
+
+def test_interrupted_and_resumed_runs_reproduce_the_straight_run(
+    straight_run, idx_dir, tmp_path, monkeypatch, capsys
+):
+    _, straight = straight_run
+    workdir = tmp_path / "resumed"
+
+    # Two epochs, finished normally.
+    train.train_and_evaluate(tiny_config(idx_dir, workdir, epochs=2))
+
+    # Asked for four; Ctrl-C arrives in the middle of epoch 4 (after its first batch).
+    make_batches = input_pipeline.make_batches
+
+    class InterruptedDataset:
+        def __init__(self, dataset):
+            self.dataset = dataset
+
+        def as_numpy_iterator(self):
+            for index, batch in enumerate(self.dataset.as_numpy_iterator()):
+                if index == 1:
+                    raise KeyboardInterrupt
+                yield batch
+
+    def interrupt_epoch_4(split, *, shuffle_seed, **options):
+        dataset = make_batches(split, shuffle_seed=shuffle_seed, **options)
+        if shuffle_seed == input_pipeline.epoch_seed(0, 4):
+            return InterruptedDataset(dataset)
+        return dataset
+
+    monkeypatch.setattr(input_pipeline, "make_batches", interrupt_epoch_4)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_and_evaluate(tiny_config(idx_dir, workdir))
+    monkeypatch.undo()
+    saved = json.loads((workdir / "history.json").read_text())
+    assert [record["epoch"] for record in saved["epochs"]] == [1, 2, 3]
+    assert "interrupted during epoch 4" in capsys.readouterr().out
+
+    # The same command again resumes from epoch 3 and finishes.
+    resumed = train.train_and_evaluate(tiny_config(idx_dir, workdir))
+    assert "resuming from the epoch-3 checkpoint" in capsys.readouterr().out
+    assert without_seconds(resumed) == without_seconds(straight)  # identical numbers on CPU
+    assert {**resumed["config"], "workdir": None} == {**straight["config"], "workdir": None}
+
+
+def test_a_finished_run_is_not_trained_again(straight_run, idx_dir, capsys):
+    workdir, history = straight_run
+    before = snapshot(workdir / "checkpoints")
+    again = train.train_and_evaluate(tiny_config(idx_dir, workdir))
+    assert without_seconds(again) == without_seconds(history)
+    assert snapshot(workdir / "checkpoints") == before
+    assert "4 of 4 epochs done" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"alpha": 0.5},
+        {"image_size": 48},
+        {"learning_rate": 1e-2},
+        {"weights": "imagenet"},
+        {"dataset": "fashion_mnist"},
+    ],
+    ids=lambda change: next(iter(change)),
+)
+def test_a_workdir_of_another_run_is_refused_and_left_as_it_was(straight_run, idx_dir, change):
+    workdir, _ = straight_run
+    before = snapshot(workdir)
+    field = next(iter(change))
+    with pytest.raises(checkpoints.CheckpointMismatchError, match=f"{field}="):
+        train.train_and_evaluate(tiny_config(idx_dir, workdir, **change))
+    assert snapshot(workdir) == before
+
+
+def test_bad_inputs_fail_before_anything_is_written(idx_dir, tmp_path):
+    workdir = tmp_path / "run"
+    with pytest.raises(input_pipeline.DataError):
+        train.train_and_evaluate(tiny_config(tmp_path / "no-such-dir", workdir))
+    with pytest.raises(config.ConfigError, match="--epochs"):
+        train.train_and_evaluate(tiny_config(idx_dir, workdir, epochs=0))
+    assert not workdir.exists()
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory")
+    with pytest.raises(checkpoints.WorkdirError, match="is a file"):
+        train.train_and_evaluate(tiny_config(idx_dir, a_file / "run"))
+    assert a_file.read_text() == "not a directory"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def test_evaluate_restores_the_best_checkpoint_and_draws_its_errors(straight_run, tmp_path, capsys):
+    source, history = straight_run
+    workdir = tmp_path / "copy"
+    shutil.copytree(source, workdir)
+    best = max(history["epochs"], key=lambda r: (r["test_accuracy"], r["epoch"]))
+
+    result = evaluate.evaluate(workdir)
+
+    assert result["epoch"] == best["epoch"]
+    assert result["test_accuracy"] == pytest.approx(best["test_accuracy"], abs=1e-6)
+    assert result["num_examples"] == 20
+    assert np.asarray(result["confusion"]).shape == (10, 10)
+    assert "test accuracy" in capsys.readouterr().out
+    for name in ("confusion.png", "misclassified.png"):
+        assert (workdir / name).read_bytes()[:4] == b"\x89PNG"
+
+    latest = evaluate.evaluate(workdir, checkpoint="latest")
+    assert latest["epoch"] == 4
+    assert latest["test_accuracy"] == pytest.approx(
+        history["epochs"][-1]["test_accuracy"], abs=1e-6
+    )
+
+
+def test_evaluate_an_empty_workdir_says_so(tmp_path):
+    with pytest.raises(checkpoints.WorkdirError, match="no checkpoint"):
+        evaluate.evaluate(tmp_path)
+
+
+def test_device_resize_trains_like_host_resize(idx_dir, tmp_path, he_backbone):
+    """`resize="device"` ships uint8 digits and resizes in the step: same run within float noise.
+
+    The He-initialised backbone makes the features depend on the pixels (the Glorot one's are
+    ~1e-11 whatever the input), so a resize that computed other pixels would change the history.
+    """
+    config = tiny_config(idx_dir, tmp_path / "device", epochs=1, resize="device")
+    device = train.train_and_evaluate(config)
+    host = train.train_and_evaluate(
+        dataclasses.replace(config, resize="host", workdir=str(tmp_path / "host"))
+    )
+    for a, b in zip(without_seconds(device), without_seconds(host), strict=True):
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key

@@ -1,0 +1,269 @@
+"""What the benchmark times: our training code, the tutorial's Keras model, whole runs with and without caching.
+
+`benchmark.py` owns how things are timed and reported; this module owns what is timed, built from
+the project's public API only (`model`, `steps.StepRunner`, `input_pipeline`, `train`):
+
+- `OurRun`: one variant's compiled train step, forward pass, input pipeline, and the pipeline
+  feeding the step (`steps.prefetch_to_device`, as the epoch loop does);
+- `KerasRun`: the tutorial's Keras model (frozen MobileNetV2, GlobalAveragePooling2D, Dense(10,
+  softmax), Adam, categorical cross-entropy) on the same batch, `train_on_batch` and
+  `predict_on_batch`;
+- `cache_runs`: two complete `train.train_and_evaluate` runs, without and with `cache_features`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+import tempfile
+import time
+from typing import Any
+
+import jax
+import numpy as np
+import tensorflow as tf
+
+from mnist_flax import convert, input_pipeline, train
+from mnist_flax.config import TrainConfig
+from mnist_flax.model import create_model, make_optimizer
+from mnist_flax.steps import StepRunner, make_metrics, prefetch_to_device
+
+NUM_CLASSES = 10
+
+
+class SubjectError(ValueError):
+    """A benchmark option that cannot be honoured; the message names the flag."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One row of the report: a point of the swept options."""
+
+    batch_size: int
+    image_size: int
+    dtype: str
+    depthwise: str
+    resize: str
+
+
+def exact_size(split: input_pipeline.Split, num_examples: int) -> input_pipeline.Split:
+    """`split` cut to, or repeated up to, exactly `num_examples` examples."""
+    repeats = math.ceil(num_examples / split.num_examples)
+    return input_pipeline.Split(
+        examples=split.examples.repeat(repeats).take(num_examples),
+        num_examples=num_examples,
+        num_classes=split.num_classes,
+        name=split.name,
+        max_process_examples=num_examples,
+    )
+
+
+def resolve_weights(weights: str, alpha: float, image_size: int) -> str:
+    """What `--weights` names, as both sides load it: "none", or a file or converted directory.
+
+    "imagenet" becomes the official Keras file (from the Keras cache, else downloaded; offline, the
+    error says where to put it), so that Keras and this project load the very same arrays.
+    """
+    if weights == "none":
+        return weights
+    if weights == "imagenet":
+        rows = convert.imagenet_rows((image_size, image_size, 3))
+        return str(convert.imagenet_weights_path(alpha, False, rows))
+    if not pathlib.Path(weights).exists():
+        raise SubjectError(f"--weights {weights}: no such file; pass imagenet, none or a path")
+    return weights
+
+
+class OurRun:
+    """The train step, forward pass, pipeline and end-to-end loop of one variant.
+
+    With `build_model` False (only the pipeline is measured) no model is built or compiled.
+    """
+
+    def __init__(
+        self,
+        variant: Variant,
+        split: input_pipeline.Split,
+        *,
+        weights: str,
+        alpha: float,
+        learning_rate: float,
+        seed: int,
+        build_model: bool,
+    ):
+        self.variant, self.split, self.seed = variant, split, seed
+        self.compile_seconds = None
+        if not build_model:
+            return
+        config = TrainConfig(
+            image_size=variant.image_size,
+            batch_size=variant.batch_size,
+            learning_rate=learning_rate,
+            seed=seed,
+            alpha=alpha,
+            weights=weights,
+            depthwise=variant.depthwise,
+            dtype=variant.dtype,
+            resize=variant.resize,
+        )
+        config.validate()
+        model = create_model(config, NUM_CLASSES)
+        self.runner = StepRunner(model, make_optimizer(model, learning_rate), make_metrics())
+        first_batch = next(self.batches(exact_size(split, variant.batch_size), 0))
+        self.batch = jax.device_put(first_batch)
+        began = time.perf_counter()
+        self.runner.lower_train(self.batch).compile()
+        self.compile_seconds = time.perf_counter() - began
+
+    def batches(self, split: input_pipeline.Split, epoch: int):
+        """One epoch of NumPy batches, shuffled by `epoch`, as the training loop receives them."""
+        return input_pipeline.make_batches(
+            split,
+            batch_size=self.variant.batch_size,
+            image_size=self.variant.image_size,
+            shuffle_seed=input_pipeline.epoch_seed(self.seed, epoch),
+            resize=self.variant.resize,
+        ).as_numpy_iterator()
+
+    # Step measurements: start one call, then wait for its result.
+
+    def start_train_step(self) -> None:
+        self.runner.train(self.batch)
+
+    def wait_for_train_step(self, _=None) -> None:
+        jax.block_until_ready(self.runner.metrics_state)
+
+    def start_forward(self) -> jax.Array:
+        return self.runner.predict(self.batch["image"])
+
+    # Stream measurements: one epoch, timed after its first batch.
+
+    def pipeline_epoch(self, num_batches: int) -> tuple[int, Any]:
+        """(images a timed epoch delivers, `run(epoch) -> seconds`) for the pipeline alone."""
+        split = exact_size(self.split, (num_batches + 1) * self.variant.batch_size)
+
+        def run(epoch: int) -> float:
+            batches = self.batches(split, epoch)
+            next(batches)
+            began = time.perf_counter()
+            for _ in batches:
+                pass
+            return time.perf_counter() - began
+
+        return num_batches * self.variant.batch_size, run
+
+    def end_to_end_epoch(self, num_steps: int) -> tuple[int, Any]:
+        """(images a timed epoch trains on, `run(epoch) -> seconds`) for the pipeline feeding the step."""
+        split = exact_size(self.split, (num_steps + 1) * self.variant.batch_size)
+
+        def run(epoch: int) -> float:
+            batches = prefetch_to_device(self.batches(split, epoch))
+            self.runner.train(next(batches))
+            self.wait_for_train_step()
+            began = time.perf_counter()
+            for batch in batches:
+                self.runner.train(batch)
+            self.wait_for_train_step()
+            return time.perf_counter() - began
+
+        return num_steps * self.variant.batch_size, run
+
+
+def keras_classifier(alpha: float, image_size: int, weights: str, seed: int):
+    """MobileNetV2(include_top=False) frozen, GlobalAveragePooling2D, Dense(10, softmax), compiled."""
+    import keras  # only with --keras-baseline: the project itself never needs Keras
+
+    if pathlib.Path(weights).is_dir():
+        raise SubjectError(
+            f"--keras-baseline: Keras cannot load the converted directory {weights}; "
+            "pass --weights imagenet, none or an H5 file"
+        )
+    keras.utils.set_random_seed(seed)
+    backbone = keras.applications.MobileNetV2(
+        input_shape=(image_size, image_size, 3),
+        alpha=alpha,
+        include_top=False,
+        weights=None if weights == "none" else weights,
+    )
+    backbone.trainable = False
+    model = keras.Sequential(
+        [
+            keras.Input((image_size, image_size, 3)),
+            backbone,
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(NUM_CLASSES, activation="softmax"),
+        ]
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(), loss="categorical_crossentropy", metrics=["accuracy"]
+    )
+    return model
+
+
+class KerasRun:
+    """Keras' train step and forward pass on one batch (the tf.data host-resized images)."""
+
+    def __init__(
+        self,
+        batch_size: int,
+        image_size: int,
+        split: input_pipeline.Split,
+        *,
+        weights: str,
+        alpha: float,
+        seed: int,
+    ):
+        self.model = keras_classifier(alpha, image_size, weights, seed)
+        raw = next(iter(exact_size(split, batch_size).examples.batch(batch_size)))
+        self.images = input_pipeline.preprocess_images(raw["image"], image_size)
+        self.labels = tf.one_hot(raw["label"], NUM_CLASSES)
+
+    def train_step(self) -> None:
+        self.model.train_on_batch(self.images, self.labels)
+
+    def forward(self) -> None:
+        self.model.predict_on_batch(self.images)
+
+
+def cache_runs(config: TrainConfig, repeats: int) -> dict:
+    """Wall time of `train_and_evaluate(config)` without and with cache_features, `repeats` each."""
+    seconds: dict[bool, list[float]] = {False: [], True: []}
+    epoch_seconds: dict[bool, list[float]] = {False: [], True: []}
+    histories: dict[bool, list[dict]] = {}
+    for _ in range(repeats):
+        for cache in (False, True):
+            print(f"training {config.epochs} epochs, cache_features={cache}", flush=True)
+            with tempfile.TemporaryDirectory(prefix="mnist_flax_benchmark_run_") as workdir:
+                run = dataclasses.replace(config, cache_features=cache, workdir=workdir)
+                began = time.perf_counter()
+                histories[cache] = train.train_and_evaluate(run)["epochs"]
+                seconds[cache].append(time.perf_counter() - began)
+                epoch_seconds[cache].append(sum(record["seconds"] for record in histories[cache]))
+    without, with_cache = (float(np.median(seconds[cache])) for cache in (False, True))
+    differences = [
+        abs(a[key] - b[key])
+        for a, b in zip(histories[False], histories[True], strict=True)
+        for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy")
+    ]
+    return {
+        "epochs": config.epochs,
+        "train_split": config.train_split,
+        "test_split": config.test_split,
+        "batch_size": config.batch_size,
+        "image_size": config.image_size,
+        # seconds: whole runs (model build, compilation, caching, checkpoints, plots included);
+        # epoch_seconds: the epochs alone, as the history records them.
+        "without_cache": {
+            "median_seconds": without,
+            "seconds": seconds[False],
+            "epoch_seconds": epoch_seconds[False],
+        },
+        "with_cache": {
+            "median_seconds": with_cache,
+            "seconds": seconds[True],
+            "epoch_seconds": epoch_seconds[True],
+        },
+        "speedup": without / with_cache,
+        "history_max_abs_difference": max(differences),
+    }

@@ -1,0 +1,102 @@
+"""Evaluation of a saved run: restore a checkpoint, measure it on a split, draw what it got wrong.
+
+`evaluate` rebuilds the run's model from the config its checkpoint recorded, restores the trained
+head, runs the test split through the same `StepRunner` eval step as training, and writes
+confusion.png and misclassified.png into the workdir.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+
+import numpy as np
+from flax import nnx
+
+from mnist_flax import checkpoints, input_pipeline, plotting
+from mnist_flax.config import EVALUATE_CHECKPOINTS, ConfigError, TrainConfig
+from mnist_flax.model import create_model, trainable_filter
+from mnist_flax.steps import StepRunner, make_metrics
+
+
+def evaluate(
+    workdir: str | os.PathLike, *, checkpoint: str = "best", test_split: str | None = None
+) -> dict:
+    """Restores the workdir's best (or latest) checkpoint and evaluates it on the test split.
+
+    Prints the test accuracy and writes confusion.png and misclassified.png into the workdir.
+    Returns {"epoch", "checkpoint", "test_split", "test_loss", "test_accuracy", "num_examples",
+    "confusion"}.
+    """
+    workdir = pathlib.Path(workdir)
+    if checkpoint not in EVALUATE_CHECKPOINTS:
+        raise ConfigError(f"--checkpoint must be best or latest, got {checkpoint!r}")
+    store = checkpoints.RunCheckpoints(workdir, read_only=True)
+    try:
+        epoch = store.best_epoch() if checkpoint == "best" else store.latest_epoch()
+        if epoch is None:
+            raise checkpoints.WorkdirError(
+                f"{workdir} holds no checkpoint; train into it first (mnist-flax train --workdir ...)"
+            )
+        run_config = store.run_config(epoch)
+        config = TrainConfig.from_dict(run_config)
+        config = dataclasses.replace(config, test_split=test_split or config.test_split)
+        split = input_pipeline.load_split(
+            config.dataset, config.test_split, data_dir=config.data_dir
+        )
+        num_classes = run_config["num_classes"]
+        if split.num_classes != num_classes:
+            raise checkpoints.CheckpointMismatchError(
+                f"--test-split {config.test_split} of {config.dataset} has {split.num_classes} "
+                f"classes but the checkpoint in {workdir} was trained on {num_classes}"
+            )
+        model = create_model(config, num_classes)
+        restored = store.restore(epoch, trainable=nnx.state(model, trainable_filter(model)))
+        # In place: the head as trained.
+        nnx.update(model, restored.trainable)
+    finally:
+        store.close()
+
+    runner = StepRunner(model, None, make_metrics())
+    batches = input_pipeline.make_batches(
+        split,
+        batch_size=config.batch_size,
+        image_size=config.image_size,
+        shuffle_seed=None,
+        resize=config.resize,
+    )
+    confusion = np.zeros((num_classes, num_classes), np.int64)
+    wrong_images, wrong_predicted, wrong_true = [], [], []
+    for batch in batches.as_numpy_iterator():
+        predicted = np.asarray(runner.eval(batch))
+        real = batch["mask"]
+        true, predicted, images = batch["label"][real], predicted[real], batch["image"][real]
+        np.add.at(confusion, (true, predicted), 1)
+        for index in np.flatnonzero(true != predicted)[
+            : plotting.MISCLASSIFIED_SHOWN - len(wrong_images)
+        ]:
+            wrong_images.append(images[index])
+            wrong_predicted.append(int(predicted[index]))
+            wrong_true.append(int(true[index]))
+    computed = runner.read_metrics()
+    result = {
+        "epoch": epoch,
+        "checkpoint": checkpoint,
+        "test_split": config.test_split,
+        "test_loss": computed["loss"],
+        "test_accuracy": computed["accuracy"],
+        "num_examples": int(confusion.sum()),
+        "confusion": confusion.tolist(),
+    }
+    plotting.plot_confusion(confusion, workdir / "confusion.png")
+    plotting.plot_misclassified(
+        wrong_images, wrong_predicted, wrong_true, workdir / "misclassified.png"
+    )
+    print(
+        f"test accuracy {result['test_accuracy']:.2%} "
+        f"({int(np.trace(confusion))}/{result['num_examples']}) on {config.dataset} "
+        f"{config.test_split}, {checkpoint} checkpoint (epoch {epoch}); wrote "
+        f"{workdir / 'confusion.png'} and {workdir / 'misclassified.png'}"
+    )
+    return result

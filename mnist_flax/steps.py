@@ -1,0 +1,207 @@
+"""The steps and how they run: loss, train/eval step, the compiled step runner, device prefetch.
+
+A batch is {"image": [B, S, S, 3] float32 or [B, 28, 28, 1] uint8, "label": int32 [B], "mask":
+bool [B]}; the mask is False on the padding that fills the last batch of an epoch. With cached
+features a batch holds "features" [B, num_features] (the backbone's output, computed once) instead
+of "image", and the same steps compile to the head alone.
+
+The steps are written as plain NNX code that updates the model, optimizer and metrics in place
+(as in Flax's MNIST example). `StepRunner` is the one way they are run, in training, evaluation,
+feature caching and the benchmark. It follows the "functional training loop" of Flax's performance
+guide (docs_nnx/guides/performance.md): each object is `nnx.split` once into a static graphdef and
+a state pytree, and each step is a plain `jax.jit` function of those states that `nnx.merge`s the
+objects, runs the NNX code and returns the new states. A call is then an ordinary jitted call with
+no Python walk over the object graph (`nnx.jit` walks MobileNetV2's 262 variables on every call;
+`nnx.cached_partial` caches that walk; `scripts/runner_overhead.py` measures all three).
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from mnist_flax import parallel
+from mnist_flax.model import TransferClassifier
+
+Batch = dict[str, Any]
+
+
+def make_metrics() -> nnx.MultiMetric:
+    """Running sums of the loss and of correct predictions, kept on the device."""
+    return nnx.MultiMetric(loss=nnx.metrics.Average("loss"), accuracy=nnx.metrics.Accuracy())
+
+
+def per_example_loss(model: TransferClassifier, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """Softmax cross-entropy of every row of the batch (padding included), and the logits."""
+    if "features" in batch:
+        logits = model.classify_features(batch["features"])
+    else:
+        logits = model(batch["image"])
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+    return losses, logits
+
+
+def train_step(
+    model: TransferClassifier, optimizer: nnx.Optimizer, metrics: nnx.MultiMetric, batch: Batch
+) -> None:
+    """One optimizer step on one batch; updates model, optimizer and metrics in place."""
+
+    def loss_fn(model):
+        losses, logits = per_example_loss(model, batch)
+        # Padding rows weigh 0: the loss is the mean over the real examples only.
+        mask = batch["mask"].astype(losses.dtype)
+        return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0), (losses, logits)
+
+    (_, (losses, logits)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    # In place: Adam moves the head's parameters; the backbone's get set_to_zero's zero update.
+    optimizer.update(model, grads)
+    # In place: adds this batch's losses and hits to the running sums (padding excluded).
+    metrics.update(loss=losses, logits=logits, labels=batch["label"], mask=batch["mask"])
+
+
+def eval_step(model: TransferClassifier, metrics: nnx.MultiMetric, batch: Batch) -> jax.Array:
+    """Adds one batch to the metrics (in place); returns the predicted classes."""
+    losses, logits = per_example_loss(model, batch)
+    # In place: adds this batch's losses and hits to the running sums (padding excluded).
+    metrics.update(loss=losses, logits=logits, labels=batch["label"], mask=batch["mask"])
+    return jnp.argmax(logits, axis=-1)
+
+
+class StepRunner:
+    """The model, optimizer and metrics as device-resident states, and the jitted steps on them.
+
+    What is compiled: one `jax.jit` function per step (train, eval, features, predict, and the
+    metrics' reset and read-out), each traced once per batch shape. What is donated: the states a
+    step replaces (model, optimizer and metrics for `train`, metrics for `eval` and
+    `reset_metrics`), so XLA writes the new ones into the old buffers instead of holding two copies.
+
+    Sharding: everything runs on `mesh` (default: a one-device mesh of the default device). The
+    states are replicated over it, and every step returns them with that same replicated sharding
+    (`out_shardings`), so the donated buffers are reused and the next call sees the layout it was
+    compiled for. Batches must come split along the mesh's batch axis (`parallel.shard_batch`; with
+    one device a NumPy batch will do), and per-example outputs leave split the same way.
+
+    The runner owns the state: the NNX objects' arrays are stale (donated) while it runs. `sync()`
+    writes the current state back into them, e.g. before a checkpoint is saved.
+    """
+
+    def __init__(
+        self,
+        model: TransferClassifier,
+        optimizer: nnx.Optimizer | None,
+        metrics: nnx.MultiMetric,
+        *,
+        mesh: Mesh | None = None,
+    ):
+        self.mesh = mesh if mesh is not None else parallel.data_mesh(jax.devices()[:1])
+        self.model, self.optimizer, self.metrics = model, optimizer, metrics
+        self.model_def, model_state = nnx.split(model)
+        # Evaluation needs no optimizer (None): then `train` is not available.
+        self.optimizer_def, optimizer_state = nnx.split(optimizer)
+        self.metrics_def, metrics_state = nnx.split(metrics)
+        self.model_state, self.optimizer_state, self.metrics_state = parallel.replicate(
+            (model_state, optimizer_state, metrics_state), self.mesh
+        )
+        state = parallel.replicated(self.mesh)
+        rows = parallel.batch_sharding(self.mesh)
+        self._train = jax.jit(self._train_fn, donate_argnums=(0, 1, 2), out_shardings=state)
+        self._eval = jax.jit(self._eval_fn, donate_argnums=1, out_shardings=(state, rows))
+        self._features = jax.jit(self._features_fn, out_shardings=rows)
+        self._predict = jax.jit(self._predict_fn, out_shardings=rows)
+        self._reset = jax.jit(self._reset_fn, donate_argnums=0, out_shardings=state)
+        self._compute = jax.jit(self._compute_fn, out_shardings=state)
+
+    # The pure functions that are compiled: merge, run the NNX code, return the new states.
+
+    def _train_fn(self, model_state, optimizer_state, metrics_state, batch):
+        model = nnx.merge(self.model_def, model_state)
+        optimizer = nnx.merge(self.optimizer_def, optimizer_state)
+        metrics = nnx.merge(self.metrics_def, metrics_state)
+        train_step(model, optimizer, metrics, batch)
+        return nnx.state(model), nnx.state(optimizer), nnx.state(metrics)
+
+    def _eval_fn(self, model_state, metrics_state, batch):
+        model = nnx.merge(self.model_def, model_state)
+        metrics = nnx.merge(self.metrics_def, metrics_state)
+        predictions = eval_step(model, metrics, batch)
+        return nnx.state(metrics), predictions
+
+    def _features_fn(self, model_state, images):
+        return nnx.merge(self.model_def, model_state).features(images)
+
+    def _predict_fn(self, model_state, images):
+        return jax.nn.softmax(nnx.merge(self.model_def, model_state)(images))
+
+    def _reset_fn(self, metrics_state):
+        metrics = nnx.merge(self.metrics_def, metrics_state)
+        metrics.reset()
+        return nnx.state(metrics)
+
+    def _compute_fn(self, metrics_state):
+        return nnx.merge(self.metrics_def, metrics_state).compute()
+
+    # What the loops call.
+
+    def train(self, batch: Batch) -> None:
+        """One optimizer step; adds the batch to the running metrics."""
+        self.model_state, self.optimizer_state, self.metrics_state = self._train(
+            self.model_state, self.optimizer_state, self.metrics_state, batch
+        )
+
+    def eval(self, batch: Batch) -> jax.Array:
+        """Adds the batch to the running metrics; returns its predicted classes."""
+        self.metrics_state, predictions = self._eval(self.model_state, self.metrics_state, batch)
+        return predictions
+
+    def features(self, images: jax.Array) -> jax.Array:
+        """The frozen backbone's pooled features of a batch of images, split like the batch."""
+        return self._features(self.model_state, images)
+
+    def predict(self, images: jax.Array) -> jax.Array:
+        """Class probabilities (the tutorial's softmax output), the work of Keras' `predict`."""
+        return self._predict(self.model_state, images)
+
+    def reset_metrics(self) -> None:
+        self.metrics_state = self._reset(self.metrics_state)
+
+    def read_metrics(self) -> dict[str, float]:
+        """The running loss and accuracy (waits for the queued steps)."""
+        return {name: float(value) for name, value in self._compute(self.metrics_state).items()}
+
+    def lower_train(self, batch: Batch) -> jax.stages.Lowered:
+        """The train step lowered for `batch` (`.compile().cost_analysis()` says what XLA kept)."""
+        return self._train.lower(self.model_state, self.optimizer_state, self.metrics_state, batch)
+
+    def sync(self) -> None:
+        """Writes the current state into the model, optimizer and metrics objects."""
+        nnx.update(self.model, self.model_state)
+        if self.optimizer is not None:
+            nnx.update(self.optimizer, self.optimizer_state)
+        nnx.update(self.metrics, self.metrics_state)
+
+
+def prefetch_to_device(
+    batches: Iterable[dict[str, np.ndarray]],
+    place: Callable[[dict[str, np.ndarray]], Any] = jax.device_put,
+    size: int = 2,
+) -> Iterator[Any]:
+    """Starts copying the next `size` batches to the device while the current step runs.
+
+    `place` decides the batch's device layout: the training loop passes `parallel.shard_batch`,
+    which splits the batch axis over the mesh.
+    """
+    queue: collections.deque = collections.deque()
+    for batch in batches:
+        queue.append(place(batch))
+        if len(queue) > size:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()
