@@ -17,7 +17,7 @@ This module owns how things are timed (the protocol), the report (a table on std
   Dense(10, softmax), Adam, categorical cross-entropy) on the same batch: `model.train_on_batch` (the
   compiled step `model.fit` runs) and `model.predict_on_batch`, with the ratios ours / Keras;
 - with `--measure cache`, two complete `train.train_and_evaluate` runs of `--epochs` epochs on the
-  same small data, with and without `cache_features`, and the ratio of their wall times.
+  same small data, `--cache-features never` and `always`, and the ratio of their wall times.
 
 The protocol: every measurement is warmed up first (compilation and tf.data start-up are never
 timed), then all measurements of one batch size and image size, ours and Keras', run in turn,
@@ -62,8 +62,9 @@ from mnist_flax.benchmark_subjects import (
     cache_runs,
     resolve_weights,
 )
-from mnist_flax.config import TrainConfig
+from mnist_flax.config import RESIZE_MODES, TrainConfig
 from mnist_flax.mobilenet_v2 import resolve_depthwise
+from mnist_flax.model import resolve_resize
 
 MEASUREMENTS = ("pipeline", "step", "forward", "end-to-end", "cache")
 DEFAULT_MEASUREMENTS = ("pipeline", "step", "forward", "end-to-end")
@@ -268,6 +269,8 @@ def measure_group(
             row["compile_seconds"] = ours.compile_seconds
         if variant.depthwise == "auto":
             row["depthwise"] = f"auto={resolve_depthwise('auto')}"
+        if variant.resize == "auto":
+            row["resize"] = f"auto={resolve_resize('auto')}"
         for name in DEFAULT_MEASUREMENTS:
             if name in args.measure:
                 measured.append((row, name, our_measurement(name, ours)))
@@ -297,7 +300,7 @@ def measure_group(
 
 
 def measure_cache(args: argparse.Namespace, data: DataSource) -> dict:
-    """Two whole training runs of `--epochs` epochs, without and with cache_features."""
+    """Two whole training runs of `--epochs` epochs, without and with cached features."""
     train_examples, test_examples = args.cache_examples
     base = data.split.split("[")[0]
     config = TrainConfig(
@@ -459,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--image-size", type=int, nargs="+", default=[224])
     sweep.add_argument("--dtype", nargs="+", choices=("float32", "bfloat16"), default=["float32"])
     sweep.add_argument("--depthwise", nargs="+", choices=("auto", "conv", "taps"), default=["auto"])
-    sweep.add_argument("--resize", nargs="+", choices=("host", "device"), default=["host"])
+    sweep.add_argument("--resize", nargs="+", choices=RESIZE_MODES, default=["auto"])
     model = parser.add_argument_group("model and data")
     model.add_argument("--alpha", type=float, default=1.0, help="MobileNetV2 width multiplier")
     model.add_argument(
@@ -491,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cache = parser.add_argument_group(
         "--measure cache",
-        "two train_and_evaluate runs, with and without cache_features, on the first value of "
+        "two train_and_evaluate runs, without and with cached features, on the first value of "
         "each swept option",
     )
     cache.add_argument("--epochs", type=int, default=10, help="epochs of each run (10)")

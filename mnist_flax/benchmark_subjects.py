@@ -8,7 +8,7 @@ the project's public API only (`model`, `steps.StepRunner`, `input_pipeline`, `t
 - `KerasRun`: the tutorial's Keras model (frozen MobileNetV2, GlobalAveragePooling2D, Dense(10,
   softmax), Adam, categorical cross-entropy) on the same batch, `train_on_batch` and
   `predict_on_batch`;
-- `cache_runs`: two complete `train.train_and_evaluate` runs, without and with `cache_features`.
+- `cache_runs`: two complete `train.train_and_evaluate` runs, `--cache-features never` and `always`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import tensorflow as tf
 
 from mnist_flax import convert, input_pipeline, train
 from mnist_flax.config import TrainConfig
-from mnist_flax.model import create_model, make_optimizer
+from mnist_flax.model import create_model, make_optimizer, resolve_resize
 from mnist_flax.steps import StepRunner, make_metrics, prefetch_to_device
 
 NUM_CLASSES = 10
@@ -123,7 +123,7 @@ class OurRun:
             batch_size=self.variant.batch_size,
             image_size=self.variant.image_size,
             shuffle_seed=input_pipeline.epoch_seed(self.seed, epoch),
-            resize=self.variant.resize,
+            resize=resolve_resize(self.variant.resize),
         ).as_numpy_iterator()
 
     # Step measurements: start one call, then wait for its result.
@@ -227,15 +227,16 @@ class KerasRun:
 
 
 def cache_runs(config: TrainConfig, repeats: int) -> dict:
-    """Wall time of `train_and_evaluate(config)` without and with cache_features, `repeats` each."""
+    """Wall time of `train_and_evaluate(config)` without and with cached features, `repeats` each."""
     seconds: dict[bool, list[float]] = {False: [], True: []}
     epoch_seconds: dict[bool, list[float]] = {False: [], True: []}
     histories: dict[bool, list[dict]] = {}
     for _ in range(repeats):
         for cache in (False, True):
-            print(f"training {config.epochs} epochs, cache_features={cache}", flush=True)
+            mode = "always" if cache else "never"
+            print(f"training {config.epochs} epochs, --cache-features {mode}", flush=True)
             with tempfile.TemporaryDirectory(prefix="mnist_flax_benchmark_run_") as workdir:
-                run = dataclasses.replace(config, cache_features=cache, workdir=workdir)
+                run = dataclasses.replace(config, cache_features=mode, workdir=workdir)
                 began = time.perf_counter()
                 histories[cache] = train.train_and_evaluate(run)["epochs"]
                 seconds[cache].append(time.perf_counter() - began)

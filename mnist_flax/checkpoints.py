@@ -7,7 +7,8 @@ Each epoch saves, under `<workdir>/checkpoints/<epoch>/`:
 - `meta` (JSON): the epoch, the seed the per-epoch data orders derive from, the run's config and
   the history so far, so a checkpoint alone is enough to resume.
 
-The last `KEEP_LATEST` epochs are kept, plus the one with the best test accuracy.
+The last `KEEP_LATEST` epochs are kept, plus, in a run with a validation split, the one with the
+best validation accuracy. Nothing is ever chosen by test accuracy.
 
 A run resumes only into a workdir that holds the same run: `check_workdir` compares the fields of
 `MUST_MATCH` with what the workdir's checkpoint (or history.json) recorded and refuses, before
@@ -33,8 +34,8 @@ HISTORY_FILE = "history.json"
 KEEP_LATEST = 3
 # What a resumed run must share with the checkpointed one: the model (weights source, width, input
 # size, classes, compute dtype) and the recipe whose history it continues (data, batch, optimizer,
-# seed). Everything else (epochs, workdir, quiet, data_dir, resize, depthwise, cache_features) may
-# change.
+# seed). Everything else (workdir, quiet, data_dir, resize, depthwise, cache_features, and epochs
+# unless the learning rate decays) may change.
 MUST_MATCH = (
     "dataset",
     "train_split",
@@ -46,8 +47,16 @@ MUST_MATCH = (
     "dtype",
     "batch_size",
     "learning_rate",
+    "lr_schedule",
+    "warmup_epochs",
+    # The optimizer steps the learning rate decays over: a decaying schedule's run resumes only
+    # with the same length (None for a constant rate, whose run may be extended).
+    "decay_steps",
+    "validation_split",
     "seed",
 )
+# The metric that chooses the best checkpoint of a run with a validation split.
+BEST_METRIC = "validation_accuracy"
 
 
 class CheckpointMismatchError(ValueError):
@@ -158,22 +167,22 @@ def into_state(target: Any, restored: dict) -> Any:
 class RunCheckpoints:
     """The Orbax CheckpointManager of one workdir, one step per epoch."""
 
-    def __init__(self, workdir: str | os.PathLike, *, read_only: bool = False):
+    def __init__(
+        self, workdir: str | os.PathLike, *, read_only: bool = False, keep_best: bool = False
+    ):
+        """`keep_best`: also keep the epoch with the best `BEST_METRIC` (a run with validation)."""
         self.directory = pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
-        best = dict(best_fn=lambda metrics: metrics["test_accuracy"], best_mode="max")
+        self.keep_best = keep_best
         if read_only:
-            options = ocp.CheckpointManagerOptions(read_only=True, **best)
+            options = ocp.CheckpointManagerOptions(read_only=True)
         else:
+            policies = [checkpoint_managers.LatestN(n=KEEP_LATEST)]
+            if keep_best:
+                policies.append(
+                    checkpoint_managers.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1)
+                )
             options = ocp.CheckpointManagerOptions(
-                **best,
-                preservation_policy=checkpoint_managers.AnyPreservationPolicy(
-                    [
-                        checkpoint_managers.LatestN(n=KEEP_LATEST),
-                        checkpoint_managers.BestN(
-                            get_metric_fn=lambda metrics: metrics["test_accuracy"], n=1
-                        ),
-                    ]
-                ),
+                preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
                 # One save per epoch: writing synchronously keeps "saved" meaning "on disk" when
                 # Ctrl-C arrives.
                 enable_async_checkpointing=False,
@@ -183,9 +192,15 @@ class RunCheckpoints:
     def latest_epoch(self) -> int | None:
         return self.manager.latest_step()
 
-    def best_epoch(self) -> int | None:
-        """The kept epoch with the highest test accuracy (the latest of equals)."""
-        return self.manager.best_step()
+    def best_epoch(self, metric: str = BEST_METRIC) -> int | None:
+        """The kept epoch with the highest `metric` in the run's history (the latest of equals);
+        None when no kept epoch recorded it (a run without a validation split)."""
+        latest = self.latest_epoch()
+        if latest is None:
+            return None
+        recorded = {r["epoch"]: r[metric] for r in self.run_meta(latest)["history"] if metric in r}
+        kept = [epoch for epoch in self.manager.all_steps() if epoch in recorded]
+        return max(kept, key=lambda epoch: (recorded[epoch], epoch)) if kept else None
 
     def save(
         self,
@@ -198,14 +213,7 @@ class RunCheckpoints:
         history: list[dict],
     ) -> None:
         """Writes epoch `epoch` (its record must be the last of `history`) and prunes old ones."""
-        test_accuracy = history[-1]["test_accuracy"]
-        meta = {
-            "epoch": epoch,
-            "data_seed": data_seed,
-            "test_accuracy": test_accuracy,
-            "config": run_config,
-            "history": history,
-        }
+        meta = {"epoch": epoch, "data_seed": data_seed, "config": run_config, "history": history}
         self.manager.save(
             epoch,
             args=ocp.args.Composite(
@@ -213,7 +221,7 @@ class RunCheckpoints:
                 optimizer=ocp.args.StandardSave(to_saved(optimizer)),
                 meta=ocp.args.JsonSave(meta),
             ),
-            metrics={"test_accuracy": test_accuracy},
+            metrics={BEST_METRIC: history[-1][BEST_METRIC]} if self.keep_best else None,
         )
         self.manager.wait_until_finished()
 

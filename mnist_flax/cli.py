@@ -15,7 +15,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from mnist_flax import config
+from mnist_flax import config, runtime
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -35,15 +35,21 @@ class _DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        # No abbreviations: `seeds --seed 1` must not mean `--seeds 1`.
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
     def error(self, message: str):
         # argparse would print the usage block and exit; one line is what the user needs.
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+def _add_config_flags(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = ()) -> None:
     """One flag per `TrainConfig` field (dashes for underscores), grouped and explained by its metadata."""
     groups: dict[str, argparse._ArgumentGroup] = {}
     for field in config.fields().values():
+        if field.name in skip:
+            continue
         options = dict(field.metadata)
         group = options.pop("group")
         if group not in groups:
@@ -84,6 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--num-processes", type=int, default=None)
     cluster.add_argument("--process-id", type=int, default=None, help="0 .. --num-processes - 1")
 
+    seeds = commands.add_parser(
+        "seeds",
+        help="train the same recipe once per seed; final test accuracy per seed, mean, sd, min, max",
+        formatter_class=_DefaultsShown,
+    )
+    seeds.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    seeds.add_argument("--json", default=None, help="also write the summary to this JSON file")
+    _add_config_flags(seeds, skip=("seed",))
+    seeds.set_defaults(seed=config.TrainConfig.seed)
+
     evaluate = commands.add_parser(
         "evaluate", help="test accuracy, confusion.png and misclassified.png of a trained workdir"
     )
@@ -104,10 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train(args: argparse.Namespace) -> None:
+def _config(args: argparse.Namespace) -> config.TrainConfig:
+    """The run's configuration from its flags, validated before JAX loads (a bad flag answers at once)."""
     run_config = config.TrainConfig(**{name: getattr(args, name) for name in config.fields()})
-    # Before JAX loads: a bad flag answers at once.
     run_config.validate()
+    return run_config
+
+
+def _train(args: argparse.Namespace) -> None:
+    run_config = _config(args)
     from mnist_flax import parallel, train
 
     cluster = (args.coordinator_address, args.num_processes, args.process_id)
@@ -115,6 +136,13 @@ def _train(args: argparse.Namespace) -> None:
         # Before anything else touches JAX: the runtime decides which devices exist.
         parallel.initialize_distributed(*cluster)
     train.train_and_evaluate(run_config)
+
+
+def _seeds(args: argparse.Namespace) -> None:
+    run_config = _config(args)
+    from mnist_flax import seeds
+
+    seeds.run_seeds(run_config, args.seeds, json_file=args.json)
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -131,13 +159,15 @@ def _convert(args: argparse.Namespace) -> None:
     print(f"wrote MobileNetV2 alpha {args.alpha} (no top) from {args.weights} to {args.out}")
 
 
-COMMANDS = {"train": _train, "evaluate": _evaluate, "convert": _convert}
+COMMANDS = {"train": _train, "seeds": _seeds, "evaluate": _evaluate, "convert": _convert}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs one `mnist-flax` command; returns the process exit status."""
     try:
         args = build_parser().parse_args(argv)
+        # Before TensorFlow or JAX load (each command imports what it needs when it runs).
+        runtime.quiet_libraries()
         COMMANDS[args.command](args)
     except (UsageError, ValueError) as error:
         # The library's own ValueError subclasses (DataError, WeightsError, ConfigError, ...) are

@@ -14,32 +14,55 @@ import pathlib
 import numpy as np
 from flax import nnx
 
-from mnist_flax import checkpoints, input_pipeline, plotting
+from mnist_flax import checkpoints, input_pipeline, plotting, runtime
 from mnist_flax.config import EVALUATE_CHECKPOINTS, ConfigError, TrainConfig
-from mnist_flax.model import create_model, trainable_filter
+from mnist_flax.model import create_model, resolve_resize, trainable_filter
 from mnist_flax.steps import StepRunner, make_metrics
 
 
 def evaluate(
-    workdir: str | os.PathLike, *, checkpoint: str = "best", test_split: str | None = None
+    workdir: str | os.PathLike, *, checkpoint: str = "auto", test_split: str | None = None
 ) -> dict:
-    """Restores the workdir's best (or latest) checkpoint and evaluates it on the test split.
+    """Restores a checkpoint of the workdir's run and evaluates it on the test split.
 
-    Prints the test accuracy and writes confusion.png and misclassified.png into the workdir.
-    Returns {"epoch", "checkpoint", "test_split", "test_loss", "test_accuracy", "num_examples",
-    "confusion"}.
+    `checkpoint` (`config.EVALUATE_CHECKPOINTS`): "auto" takes the best by validation accuracy in a
+    run with a validation split, else the final one; nothing is ever chosen by test accuracy.
+    Prints the test accuracy and which checkpoint it measured and why, and writes confusion.png and
+    misclassified.png into the workdir. Returns {"epoch", "checkpoint", "chosen", "test_split",
+    "test_loss", "test_accuracy", "num_examples", "confusion"}.
     """
     workdir = pathlib.Path(workdir)
     if checkpoint not in EVALUATE_CHECKPOINTS:
-        raise ConfigError(f"--checkpoint must be best or latest, got {checkpoint!r}")
+        raise ConfigError(
+            f"--checkpoint must be one of {', '.join(EVALUATE_CHECKPOINTS)}, got {checkpoint!r}"
+        )
     store = checkpoints.RunCheckpoints(workdir, read_only=True)
     try:
-        epoch = store.best_epoch() if checkpoint == "best" else store.latest_epoch()
-        if epoch is None:
+        latest = store.latest_epoch()
+        if latest is None:
             raise checkpoints.WorkdirError(
                 f"{workdir} holds no checkpoint; train into it first (mnist-flax train --workdir ...)"
             )
-        run_config = store.run_config(epoch)
+        run_config = store.run_config(latest)
+        validated = run_config.get("validation_split") is not None
+        if checkpoint == "best" and not validated:
+            raise ConfigError(
+                f"--checkpoint best: the run in {workdir} has no validation split, so no "
+                "checkpoint was chosen as best (choosing by test accuracy would overstate it); "
+                "use --checkpoint latest, or train with --validation-split"
+            )
+        if checkpoint == "latest":
+            epoch, chosen = latest, "the latest checkpoint"
+        elif not validated:
+            epoch = latest
+            chosen = "the final checkpoint (the run has no validation split to choose a best by)"
+        else:
+            epoch = store.best_epoch(checkpoints.BEST_METRIC)
+            recorded = store.run_meta(latest)["history"][epoch - 1][checkpoints.BEST_METRIC]
+            chosen = (
+                f"the best checkpoint by validation accuracy ({recorded:.2%} on "
+                f"{run_config['validation_split']})"
+            )
         config = TrainConfig.from_dict(run_config)
         config = dataclasses.replace(config, test_split=test_split or config.test_split)
         split = input_pipeline.load_split(
@@ -51,6 +74,7 @@ def evaluate(
                 f"--test-split {config.test_split} of {config.dataset} has {split.num_classes} "
                 f"classes but the checkpoint in {workdir} was trained on {num_classes}"
             )
+        runtime.enable_compilation_cache(config.compilation_cache)
         model = create_model(config, num_classes)
         restored = store.restore(epoch, trainable=nnx.state(model, trainable_filter(model)))
         # In place: the head as trained.
@@ -64,7 +88,7 @@ def evaluate(
         batch_size=config.batch_size,
         image_size=config.image_size,
         shuffle_seed=None,
-        resize=config.resize,
+        resize=resolve_resize(config.resize),
     )
     confusion = np.zeros((num_classes, num_classes), np.int64)
     wrong_images, wrong_predicted, wrong_true = [], [], []
@@ -83,6 +107,7 @@ def evaluate(
     result = {
         "epoch": epoch,
         "checkpoint": checkpoint,
+        "chosen": chosen,
         "test_split": config.test_split,
         "test_loss": computed["loss"],
         "test_accuracy": computed["accuracy"],
@@ -96,7 +121,7 @@ def evaluate(
     print(
         f"test accuracy {result['test_accuracy']:.2%} "
         f"({int(np.trace(confusion))}/{result['num_examples']}) on {config.dataset} "
-        f"{config.test_split}, {checkpoint} checkpoint (epoch {epoch}); wrote "
+        f"{config.test_split}, {chosen}, epoch {epoch}; wrote "
         f"{workdir / 'confusion.png'} and {workdir / 'misclassified.png'}"
     )
     return result

@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from mnist_flax.config import RESIZE_MODES
+from mnist_flax.config import RESIZE_PLACES
 
 # TensorFlow is here for tf.data and tfds only. Where the full `tensorflow` package is installed
 # (macOS, aarch64 Linux) it would claim the GPU that JAX uses; hide it, as the Flax examples do.
@@ -61,6 +61,18 @@ class Split:
     num_classes: int
     name: str
     max_process_examples: int
+    # The whole split (every process's share) as (source split, start, stop) ranges.
+    ranges: tuple[tuple[str, int, int], ...] = ()
+
+
+def shared_examples(a: Split, b: Split) -> int:
+    """How many examples of one source two splits both select ("test[:8000]", "test[7000:]": 1000)."""
+    return sum(
+        max(0, min(stop_a, stop_b) - max(start_a, start_b))
+        for name_a, start_a, stop_a in a.ranges
+        for name_b, start_b, stop_b in b.ranges
+        if name_a == name_b
+    )
 
 
 def load_split(
@@ -301,6 +313,7 @@ def _load_idx_split(
             num_bytes=0,
         )
     ranges, max_process_examples = _process_share(split, split_infos, process_index, process_count)
+    whole_split = tuple(_process_share(split, split_infos, 0, 1)[0])
     arrays = {}
     parts = []
     for split_name, start, stop in ranges:
@@ -321,6 +334,7 @@ def _load_idx_split(
         num_classes=IDX_NUM_CLASSES,
         name=_share_name(f"{dataset} {split} ({data_dir})", process_index, process_count),
         max_process_examples=max_process_examples,
+        ranges=whole_split,
     )
 
 
@@ -405,9 +419,9 @@ def _load_tfds_split(
                 f"{str(error).splitlines()[0][:200]}); {_offline_advice(dataset)}"
             ) from None
 
-    ranges, max_process_examples = _process_share(
-        split, dict(builder.info.splits.items()), process_index, process_count
-    )
+    split_infos = dict(builder.info.splits.items())
+    ranges, max_process_examples = _process_share(split, split_infos, process_index, process_count)
+    whole_split = tuple(_process_share(split, split_infos, 0, 1)[0])
     examples = builder.as_dataset(
         split=tfds.split_for_jax_process(
             split, process_index=process_index, process_count=process_count
@@ -428,6 +442,7 @@ def _load_tfds_split(
         num_classes=label.num_classes,
         name=_share_name(f"{dataset} {split}", process_index, process_count),
         max_process_examples=max_process_examples,
+        ranges=whole_split,
     )
 
 
@@ -543,8 +558,8 @@ def make_batches(
     Splits whose examples carry no "image" (cached features) are batched as they are, in the same
     shuffled order as their images would be.
     """
-    if resize not in RESIZE_MODES:
-        raise DataError(f"--resize {resize!r}: choose one of {', '.join(RESIZE_MODES)}")
+    if resize not in RESIZE_PLACES:
+        raise DataError(f"--resize {resize!r}: choose one of {', '.join(RESIZE_PLACES)}")
     if image_size < 1:
         raise DataError(f"--image-size {image_size} must be >= 1")
     if batch_size < 1:

@@ -48,33 +48,45 @@ def load_history(workdir_or_file: str | os.PathLike) -> dict:
 
 
 def plot_history(history: dict, path: str | os.PathLike) -> pathlib.Path:
-    """Accuracy (y from 0 to 1, legend lower right) and loss per epoch, train and validation."""
+    """Accuracy (y from 0 to 1, legend lower right), loss and learning rate per epoch.
+
+    Train and test curves as in the tutorial (which passes its test set as `validation_data`),
+    plus the validation split's where the run has one.
+    """
     epochs = history["epochs"]
     if not epochs:
         raise HistoryError("the history has no epochs yet; nothing to plot")
     x = [record["epoch"] for record in epochs]
+    roles = [role for role in ("train", "validation", "test") if f"{role}_loss" in epochs[0]]
+    has_rate = "learning_rate" in epochs[0]
     figure = Figure(figsize=CURVES_FIGSIZE, dpi=DPI)
-    accuracy, loss = figure.subplots(2, 1, sharex=True)
-
-    accuracy.plot(x, [r["train_accuracy"] for r in epochs], "o-", label="Training Accuracy")
-    accuracy.plot(x, [r["test_accuracy"] for r in epochs], "o-", label="Validation Accuracy")
+    axes = figure.subplots(
+        3 if has_rate else 2, 1, sharex=True, height_ratios=[2, 2, 1] if has_rate else [1, 1]
+    )
+    accuracy, loss = axes[0], axes[1]
+    for role in roles:
+        label = {"train": "Training", "validation": "Validation", "test": "Test"}[role]
+        accuracy.plot(x, [r[f"{role}_accuracy"] for r in epochs], "o-", label=f"{label} Accuracy")
+        loss.plot(x, [r[f"{role}_loss"] for r in epochs], "o-", label=f"{label} Loss")
     accuracy.set_ylim(0, 1)
     accuracy.set_ylabel("Accuracy")
-    accuracy.set_title("Training and Validation Accuracy")
+    accuracy.set_title("Training and Test Accuracy")
     accuracy.legend(loc="lower right")
-    accuracy.grid(alpha=0.3)
-
-    loss.plot(x, [r["train_loss"] for r in epochs], "o-", label="Training Loss")
-    loss.plot(x, [r["test_loss"] for r in epochs], "o-", label="Validation Loss")
-    highest = max(max(r["train_loss"], r["test_loss"]) for r in epochs)
+    highest = max(r[f"{role}_loss"] for r in epochs for role in roles)
     loss.set_ylim(0, max(1.0, highest * 1.05))
     loss.set_ylabel("Cross Entropy")
-    loss.set_title("Training and Validation Loss")
-    loss.set_xlabel("epoch")
+    loss.set_title("Training and Test Loss")
     loss.legend(loc="upper right")
-    loss.grid(alpha=0.3)
+    if has_rate:
+        rate = axes[2]
+        rate.plot(x, [r["learning_rate"] for r in epochs], "o-", color="gray")
+        rate.set_ylabel("Learning rate")
+        rate.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[-1].set_xlabel("epoch (learning rate: at its last step)" if has_rate else "epoch")
     # Whole epochs only on the x axis.
-    loss.xaxis.get_major_locator().set_params(integer=True)
+    axes[-1].xaxis.get_major_locator().set_params(integer=True)
 
     config = history.get("config") or {}
     if config:

@@ -29,9 +29,15 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from mnist_flax import checkpoints, input_pipeline, parallel, plotting
+from mnist_flax import checkpoints, input_pipeline, parallel, plotting, runtime
 from mnist_flax.config import TrainConfig
-from mnist_flax.model import create_model, make_optimizer, trainable_filter
+from mnist_flax.model import (
+    create_model,
+    learning_rate_schedule,
+    make_optimizer,
+    resolve_resize,
+    trainable_filter,
+)
 from mnist_flax.steps import StepRunner, make_metrics, prefetch_to_device
 
 # How often the progress bar reads the running loss and accuracy back from the device. Each read
@@ -39,7 +45,7 @@ from mnist_flax.steps import StepRunner, make_metrics, prefetch_to_device
 PROGRESS_REFRESH_SECONDS = 1.0
 
 
-def train_and_evaluate(config: TrainConfig) -> dict:
+def train_and_evaluate(config: TrainConfig, *, feature_store: dict | None = None) -> dict:
     """Trains `config.epochs` epochs (resuming the workdir's latest checkpoint); returns the history.
 
     The workdir receives history.json (rewritten after every epoch), Orbax checkpoints of every
@@ -52,30 +58,58 @@ def train_and_evaluate(config: TrainConfig) -> dict:
     each process reads its own shard of each split, every process saves its part of the
     checkpoints (all must see the same workdir), and process 0 alone writes history.json and the
     plots.
+
+    `feature_store`: a dict shared by several runs in one process (`mnist-flax seeds`), where
+    cached backbone features are kept and found again: they depend on the backbone and the data,
+    not on the seed.
     """
     config.validate()
+    runtime.enable_compilation_cache(config.compilation_cache)
     mesh = parallel.data_mesh()
     parallel.check_batch_size(config.batch_size, mesh)
     workdir = config.resolved_workdir()
     config = dataclasses.replace(config, workdir=str(workdir))
 
     shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    train_split, test_split = (
-        input_pipeline.load_split(config.dataset, split, data_dir=config.data_dir, **shard)
-        for split in (config.train_split, config.test_split)
+    splits = {
+        role: input_pipeline.load_split(config.dataset, name, data_dir=config.data_dir, **shard)
+        for role, name in (
+            ("train", config.train_split),
+            ("validation", config.validation_split),
+            ("test", config.test_split),
+        )
+        if name is not None
+    }
+    _warn_about_overlaps(splits)
+    # Every process steps through as many batches as the largest shard needs (the others pad).
+    steps_per_epoch = math.ceil(
+        splits["train"].max_process_examples / parallel.local_batch_size(config.batch_size)
     )
-    run_config = {**dataclasses.asdict(config), "num_classes": train_split.num_classes}
+    run_config = {
+        **dataclasses.asdict(config),
+        "num_classes": splits["train"].num_classes,
+        "decay_steps": None
+        if config.lr_schedule == "constant"
+        else config.epochs * steps_per_epoch,
+    }
     # Refuses a mismatched or unwritable workdir before the (slow) model build and any write.
     checkpoints.check_workdir(workdir, run_config)
 
-    model = create_model(config, train_split.num_classes)
-    optimizer = make_optimizer(model, config.learning_rate)
+    model = create_model(config, splits["train"].num_classes)
+    schedule = learning_rate_schedule(
+        config.lr_schedule,
+        config.learning_rate,
+        epochs=config.epochs,
+        steps_per_epoch=steps_per_epoch,
+        warmup_epochs=config.warmup_epochs,
+    )
+    optimizer = make_optimizer(model, schedule)
     # Replicated before restoring: Orbax restores each array with the sharding of its target.
     for node in (model, optimizer):
         nnx.update(node, parallel.replicate(nnx.state(node), mesh))
     history: list[dict] = []
     data_seed = config.seed
-    store = checkpoints.RunCheckpoints(workdir)
+    store = checkpoints.RunCheckpoints(workdir, keep_best="validation" in splits)
     try:
         if store.latest_epoch() is not None:
             restored = store.restore(
@@ -83,7 +117,8 @@ def train_and_evaluate(config: TrainConfig) -> dict:
                 trainable=nnx.state(model, trainable_filter(model)),
                 optimizer=nnx.state(optimizer),
             )
-            # In place: the head and Adam's moments continue where the checkpoint left them.
+            # In place: the head, Adam's moments and the schedule's position (Adam's step count)
+            # continue where the checkpoint left them.
             nnx.update(model, restored.trainable)
             nnx.update(optimizer, restored.optimizer)
             history, data_seed = restored.history, restored.data_seed
@@ -92,14 +127,38 @@ def train_and_evaluate(config: TrainConfig) -> dict:
                 f"({restored.epoch} of {config.epochs} epochs done)"
             )
         runner = StepRunner(model, optimizer, make_metrics(), mesh=mesh)
-        epochs = _EpochLoop(config, run_config, runner, store, history, data_seed)
-        epochs.run(train_split, test_split)
+        epochs = _EpochLoop(
+            config,
+            run_config,
+            runner,
+            store,
+            history,
+            data_seed,
+            learning_rate=lambda epoch: float(schedule(epoch * steps_per_epoch - 1)),
+            feature_store=feature_store,
+        )
+        epochs.run(splits)
     finally:
         store.close()
     history_file = {"config": run_config, "epochs": history}
     if _is_writer():
         plotting.plot_history(history_file, workdir / "curves.png")
     return history_file
+
+
+def _warn_about_overlaps(splits: dict[str, input_pipeline.Split]) -> None:
+    """One line per pair of splits that select the same examples of one source."""
+    roles = list(splits)
+    for i, first in enumerate(roles):
+        for second in roles[i + 1 :]:
+            shared = input_pipeline.shared_examples(splits[first], splits[second])
+            if shared:
+                _say(
+                    f"warning: --{first}-split and --{second}-split share {shared} examples; "
+                    f"the {second} figures are not measured on unseen data"
+                    if first == "train"
+                    else f"warning: --{first}-split and --{second}-split share {shared} examples"
+                )
 
 
 @dataclasses.dataclass
@@ -112,6 +171,8 @@ class _EpochLoop:
     store: checkpoints.RunCheckpoints
     history: list[dict]
     data_seed: int
+    learning_rate: Callable[[int], float]  # epoch -> the rate of its last step
+    feature_store: dict | None = None
 
     def __post_init__(self):
         self.workdir = pathlib.Path(self.config.workdir)
@@ -119,6 +180,7 @@ class _EpochLoop:
         self.show_progress = not self.config.quiet and _is_writer()
         # This process's rows of each global batch.
         self.batch_size = parallel.local_batch_size(self.config.batch_size)
+        self.resize = resolve_resize(self.config.resize)
 
     def batches(self, split: input_pipeline.Split, shuffle_seed: int | None):
         return input_pipeline.make_batches(
@@ -126,37 +188,50 @@ class _EpochLoop:
             batch_size=self.batch_size,
             image_size=self.config.image_size,
             shuffle_seed=shuffle_seed,
-            resize=self.config.resize,
+            resize=self.resize,
         )
 
-    def run(self, train_split: input_pipeline.Split, test_split: input_pipeline.Split) -> None:
+    def run(self, splits: dict[str, input_pipeline.Split]) -> None:
+        """The remaining epochs over `splits` ("train", "test", optionally "validation")."""
         config = self.config
-        if config.cache_features and len(self.history) < config.epochs:
+        cache, size = self.should_cache(splits)
+        if cache and len(self.history) < config.epochs:
             start = time.perf_counter()
-            train_split, test_split = (self.cache_features(s) for s in (train_split, test_split))
+            computed = not self.stored(splits)
+            splits = {role: self.cached(split) for role, split in splits.items()}
+            names = ", ".join(split.name for split in splits.values())
             _say(
-                f"cached the backbone features of {train_split.name} and {test_split.name} "
+                f"cached the backbone features of {names}: {size} "
                 f"({time.perf_counter() - start:.1f} s)"
+                if computed
+                else f"reusing the backbone features of {names} cached by an earlier run: {size}"
             )
+        inputs = "cached features" if cache else "images"
+        evaluated = [role for role in ("validation", "test") if role in splits]
         epoch = len(self.history)
         try:
             for epoch in range(len(self.history) + 1, config.epochs + 1):
                 start = time.perf_counter()
                 shuffle_seed = input_pipeline.epoch_seed(self.data_seed, epoch)
                 train_metrics, images_per_second = self.pass_over(
-                    train_split, self.runner.train, shuffle_seed, f"epoch {epoch}/{config.epochs}"
+                    splits["train"],
+                    self.runner.train,
+                    shuffle_seed,
+                    f"epoch {epoch}/{config.epochs}",
                 )
-                test_metrics, _ = self.pass_over(test_split, self.runner.eval, None, "test")
                 record = {
                     "epoch": epoch,
+                    "learning_rate": self.learning_rate(epoch),
                     "train_loss": train_metrics["loss"],
                     "train_accuracy": train_metrics["accuracy"],
-                    "test_loss": test_metrics["loss"],
-                    "test_accuracy": test_metrics["accuracy"],
-                    "seconds": time.perf_counter() - start,
                 }
+                for role in evaluated:
+                    metrics, _ = self.pass_over(splits[role], self.runner.eval, None, role)
+                    record[f"{role}_loss"] = metrics["loss"]
+                    record[f"{role}_accuracy"] = metrics["accuracy"]
+                record["seconds"] = time.perf_counter() - start
                 self.save(epoch, record)
-                _say(_summary_line(record, config.epochs, images_per_second))
+                _say(_summary_line(record, config.epochs, images_per_second, inputs))
         except KeyboardInterrupt:
             _say(
                 f"interrupted during epoch {epoch}; epochs 1-{len(self.history)} are saved in "
@@ -209,6 +284,54 @@ class _EpochLoop:
                     last_refresh = now
             metrics = runner.read_metrics()
         return metrics, examples / (time.perf_counter() - start)
+
+    def should_cache(self, splits: dict[str, input_pipeline.Split]) -> tuple[bool, str]:
+        """Whether the epochs run on cached features (`--cache-features`), and what they take.
+
+        Caching is exact here: the backbone is frozen, nothing trainable runs before it, and no
+        augmentation changes an image from one epoch to the next, so every epoch would compute
+        the same features. "auto" caches when they fit `--cache-budget-mb`.
+        """
+        mode = self.config.cache_features
+        features = self.runner.model.backbone.num_features
+        examples = sum(split.max_process_examples for split in splits.values())
+        megabytes = examples * features * 4 / 2**20  # float32
+        size = f"{examples} x {features} float32, {megabytes:,.0f} MB"
+        if mode == "never":
+            return False, ""
+        if mode == "auto" and megabytes > self.config.cache_budget_mb:
+            _say(
+                f"not caching the backbone features: {size} is over --cache-budget-mb "
+                f"{self.config.cache_budget_mb}; the epochs run on images"
+            )
+            return False, ""
+        return True, size
+
+    def store_key(self, split: input_pipeline.Split) -> tuple:
+        """Everything a split's features depend on: the backbone, the preprocessing, the examples."""
+        config = self.config
+        return (
+            split.name,
+            split.ranges,
+            *(config.weights, config.alpha, config.image_size, config.dtype, config.depthwise),
+            self.resize,
+            self.batch_size,
+        )
+
+    def stored(self, splits: dict[str, input_pipeline.Split]) -> bool:
+        """Whether an earlier run in this process left every split's features in the store."""
+        return self.feature_store is not None and all(
+            self.store_key(split) in self.feature_store for split in splits.values()
+        )
+
+    def cached(self, split: input_pipeline.Split) -> input_pipeline.Split:
+        """`split` on cached features: from the feature store when another run computed them."""
+        if self.feature_store is None:
+            return self.cache_features(split)
+        key = self.store_key(split)
+        if key not in self.feature_store:
+            self.feature_store[key] = self.cache_features(split)
+        return self.feature_store[key]
 
     def cache_features(self, split: input_pipeline.Split) -> input_pipeline.Split:
         """`split` with every image replaced by the frozen backbone's pooled features, computed once.
@@ -300,10 +423,14 @@ def _say(message: str) -> None:
         tqdm.write(message)
 
 
-def _summary_line(record: dict, epochs: int, images_per_second: float) -> str:
+def _summary_line(record: dict, epochs: int, images_per_second: float, inputs: str) -> str:
+    evaluated = "".join(
+        f"{role} loss {record[f'{role}_loss']:.4f} acc {record[f'{role}_accuracy']:.2%}  "
+        for role in ("validation", "test")
+        if f"{role}_loss" in record
+    )
     return (
-        f"epoch {record['epoch']:>{len(str(epochs))}}/{epochs}  "
-        f"train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.2%}  "
-        f"test loss {record['test_loss']:.4f} acc {record['test_accuracy']:.2%}  "
-        f"({record['seconds']:.1f} s, {images_per_second:.0f} img/s)"
+        f"epoch {record['epoch']:>{len(str(epochs))}}/{epochs}  lr {record['learning_rate']:.2e}  "
+        f"train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.2%}  {evaluated}"
+        f"({record['seconds']:.1f} s, {images_per_second:.0f} img/s on {inputs})"
     )

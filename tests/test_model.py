@@ -3,11 +3,13 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from helpers import IMAGE_SIZE, he_initialise_backbone, tiny_model
 
 from mnist_flax import model as model_lib
+from mnist_flax.config import LR_SCHEDULES
 
 
 def test_freeze_labels_label_backbone_frozen_and_head_trainable():
@@ -60,3 +62,41 @@ def test_bfloat16_backbone_gives_float32_logits_and_float32_params():
     assert {leaf.dtype for leaf in jax.tree.leaves(nnx.state(model, nnx.Param))} == {
         jnp.dtype(jnp.float32)
     }
+
+
+OPTAX_SCHEDULES = {
+    # 4 epochs of 3 steps, 1 warm-up epoch, peak 3e-3: what `learning_rate_schedule` is asked for.
+    "constant": optax.constant_schedule(3e-3),
+    "cosine": optax.cosine_decay_schedule(3e-3, decay_steps=12),
+    "warmup-cosine": optax.warmup_cosine_decay_schedule(0.0, 3e-3, warmup_steps=3, decay_steps=12),
+}
+
+
+@pytest.mark.parametrize("name", LR_SCHEDULES)
+def test_each_schedule_is_optaxs_and_drives_the_heads_adam(name):
+    schedule = model_lib.learning_rate_schedule(
+        name, 3e-3, epochs=4, steps_per_epoch=3, warmup_epochs=1
+    )
+    expected = OPTAX_SCHEDULES[name]
+    assert [float(schedule(step)) for step in range(13)] == [
+        float(expected(step)) for step in range(13)
+    ]
+    # The optimizer moves the head exactly as optax's Adam with that schedule does.
+    model = tiny_model()
+    optimizer = model_lib.make_optimizer(model, schedule)
+    head = nnx.to_pure_dict(nnx.state(model.head, nnx.Param))
+    reference = optax.adam(expected, eps=model_lib.ADAM_EPSILON)
+    reference_state = reference.init(head)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        grads = jax.tree.map(
+            lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype),
+            nnx.state(model, nnx.Param),
+        )
+        optimizer.update(model, grads)
+        updates, reference_state = reference.update(
+            nnx.to_pure_dict(grads)["head"], reference_state, head
+        )
+        head = optax.apply_updates(head, updates)
+    for key in ("kernel", "bias"):
+        np.testing.assert_allclose(getattr(model.head, key)[...], head[key], rtol=1e-6, atol=1e-7)

@@ -24,6 +24,7 @@ def write_history(path: pathlib.Path, epochs: int = 3) -> None:
     records = [
         {
             "epoch": epoch,
+            "learning_rate": 1e-3 / epoch,
             "train_loss": 1.0 / epoch,
             "train_accuracy": 0.8 + 0.05 * epoch,
             "test_loss": 1.1 / epoch,

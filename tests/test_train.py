@@ -7,12 +7,14 @@ Every run uses 32x32 inputs, MobileNetV2 alpha 0.35 with random weights and a fe
 import dataclasses
 import hashlib
 import json
+import logging
 import pathlib
 import shutil
 
+import jax
 import numpy as np
 import pytest
-from helpers import tiny_config, without_seconds
+from helpers import tiny_config, use_he_backbone, without_seconds
 
 from mnist_flax import checkpoints, config, evaluate, input_pipeline, train
 
@@ -46,6 +48,7 @@ def test_straight_run_writes_history_checkpoints_and_curves(straight_run):
     for record in on_disk["epochs"]:
         assert set(record) == {
             "epoch",
+            "learning_rate",
             "train_loss",
             "train_accuracy",
             "test_loss",
@@ -55,27 +58,81 @@ def test_straight_run_writes_history_checkpoints_and_curves(straight_run):
     assert (workdir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(workdir.glob("*.tmp"))
 
-    accuracies = {r["epoch"]: r["test_accuracy"] for r in history["epochs"]}
-    best = max(sorted(accuracies), key=lambda epoch: (accuracies[epoch], epoch))
+    # Without a validation split nothing is "best": the last KEEP_LATEST are kept.
     store = checkpoints.RunCheckpoints(workdir, read_only=True)
     try:
-        kept = set(store.manager.all_steps())
-        assert kept == {2, 3, 4} | {best}  # the last KEEP_LATEST plus the best
-        assert store.best_epoch() == best
+        assert set(store.manager.all_steps()) == {2, 3, 4}
+        assert store.best_epoch() is None
     finally:
         store.close()
+
+
+@pytest.fixture(scope="module")
+def validated_run(idx_dir, tmp_path_factory) -> tuple[pathlib.Path, dict]:
+    """Four epochs with a validation split (and a backbone whose features say something)."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        use_he_backbone(monkeypatch)
+        workdir = tmp_path_factory.mktemp("validated")
+        config = tiny_config(
+            idx_dir, workdir, train_split="train[:30]", validation_split="train[30:]"
+        )
+        return workdir, train.train_and_evaluate(config)
+
+
+def test_a_validation_split_chooses_the_best_checkpoint_and_evaluate_says_so(
+    validated_run, capsys, he_backbone
+):
+    workdir, history = validated_run
+    records = history["epochs"]
+    assert all({"validation_loss", "validation_accuracy"} <= record.keys() for record in records)
+    by_validation = max(records, key=lambda r: (r["validation_accuracy"], r["epoch"]))["epoch"]
+    store = checkpoints.RunCheckpoints(workdir, read_only=True)
+    try:
+        assert set(store.manager.all_steps()) == {2, 3, 4, by_validation}
+        assert store.best_epoch() == by_validation
+    finally:
+        store.close()
+    capsys.readouterr()
+
+    result = evaluate.evaluate(workdir)
+    assert result["epoch"] == by_validation
+    chosen = records[by_validation - 1]
+    assert result["test_accuracy"] == pytest.approx(chosen["test_accuracy"], abs=1e-6)
+    assert (
+        f"the best checkpoint by validation accuracy ({chosen['validation_accuracy']:.2%} on "
+        f"train[30:]), epoch {by_validation}"
+    ) in capsys.readouterr().out
+
+
+def test_overlapping_splits_get_a_one_line_warning(idx_dir, tmp_path, capsys):
+    config = tiny_config(
+        idx_dir,
+        tmp_path / "overlap",
+        epochs=1,
+        train_split="train[:35]",
+        validation_split="train[30:]",
+        test_split="test+train[38:]",
+    )
+    train.train_and_evaluate(config)
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    assert warnings == [
+        "warning: --train-split and --validation-split share 5 examples; the validation figures "
+        "are not measured on unseen data",
+        "warning: --validation-split and --test-split share 2 examples",
+    ]
 
 
 def test_interrupted_and_resumed_runs_reproduce_the_straight_run(
     straight_run, idx_dir, tmp_path, monkeypatch, capsys
 ):
+    """Two Ctrl-Cs and two resumptions of a 4-epoch run with the default (cosine) schedule.
+
+    The schedule's position is Adam's step count, restored with the optimizer state: the
+    resumed epochs see the learning rates the straight run saw.
+    """
     _, straight = straight_run
+    assert straight["config"]["lr_schedule"] == "cosine"
     workdir = tmp_path / "resumed"
-
-    # Two epochs, finished normally.
-    train.train_and_evaluate(tiny_config(idx_dir, workdir, epochs=2))
-
-    # Asked for four; Ctrl-C arrives in the middle of epoch 4 (after its first batch).
     make_batches = input_pipeline.make_batches
 
     class InterruptedDataset:
@@ -88,19 +145,24 @@ def test_interrupted_and_resumed_runs_reproduce_the_straight_run(
                     raise KeyboardInterrupt
                 yield batch
 
-    def interrupt_epoch_4(split, *, shuffle_seed, **options):
-        dataset = make_batches(split, shuffle_seed=shuffle_seed, **options)
-        if shuffle_seed == input_pipeline.epoch_seed(0, 4):
-            return InterruptedDataset(dataset)
-        return dataset
+    def interrupt_in(epoch: int):
+        def make(split, *, shuffle_seed, **options):
+            dataset = make_batches(split, shuffle_seed=shuffle_seed, **options)
+            if shuffle_seed == input_pipeline.epoch_seed(0, epoch):
+                return InterruptedDataset(dataset)
+            return dataset
 
-    monkeypatch.setattr(input_pipeline, "make_batches", interrupt_epoch_4)
-    with pytest.raises(KeyboardInterrupt):
-        train.train_and_evaluate(tiny_config(idx_dir, workdir))
-    monkeypatch.undo()
-    saved = json.loads((workdir / "history.json").read_text())
-    assert [record["epoch"] for record in saved["epochs"]] == [1, 2, 3]
-    assert "interrupted during epoch 4" in capsys.readouterr().out
+        return make
+
+    # Ctrl-C in the middle of epoch 3 (after its first batch), then of epoch 4 of the resumed run.
+    for epoch in (3, 4):
+        monkeypatch.setattr(input_pipeline, "make_batches", interrupt_in(epoch))
+        with pytest.raises(KeyboardInterrupt):
+            train.train_and_evaluate(tiny_config(idx_dir, workdir))
+        monkeypatch.undo()
+        saved = json.loads((workdir / "history.json").read_text())
+        assert [record["epoch"] for record in saved["epochs"]] == list(range(1, epoch))
+        assert f"interrupted during epoch {epoch}" in capsys.readouterr().out
 
     # The same command again resumes from epoch 3 and finishes.
     resumed = train.train_and_evaluate(tiny_config(idx_dir, workdir))
@@ -124,6 +186,10 @@ def test_a_finished_run_is_not_trained_again(straight_run, idx_dir, capsys):
         {"alpha": 0.5},
         {"image_size": 48},
         {"learning_rate": 1e-2},
+        {"lr_schedule": "constant"},
+        # The cosine schedule decays over the run's length: another length is another recipe.
+        {"epochs": 6},
+        {"validation_split": "train[30:]"},
         {"weights": "imagenet"},
         {"dataset": "fashion_mnist"},
     ],
@@ -132,7 +198,7 @@ def test_a_finished_run_is_not_trained_again(straight_run, idx_dir, capsys):
 def test_a_workdir_of_another_run_is_refused_and_left_as_it_was(straight_run, idx_dir, change):
     workdir, _ = straight_run
     before = snapshot(workdir)
-    field = next(iter(change))
+    field = "decay_steps" if "epochs" in change else next(iter(change))
     with pytest.raises(checkpoints.CheckpointMismatchError, match=f"{field}="):
         train.train_and_evaluate(tiny_config(idx_dir, workdir, **change))
     assert snapshot(workdir) == before
@@ -154,27 +220,26 @@ def test_bad_inputs_fail_before_anything_is_written(idx_dir, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
 
 
-def test_evaluate_restores_the_best_checkpoint_and_draws_its_errors(straight_run, tmp_path, capsys):
+def test_evaluate_without_a_validation_split_uses_the_final_checkpoint(
+    straight_run, tmp_path, capsys
+):
     source, history = straight_run
     workdir = tmp_path / "copy"
     shutil.copytree(source, workdir)
-    best = max(history["epochs"], key=lambda r: (r["test_accuracy"], r["epoch"]))
 
     result = evaluate.evaluate(workdir)
 
-    assert result["epoch"] == best["epoch"]
-    assert result["test_accuracy"] == pytest.approx(best["test_accuracy"], abs=1e-6)
-    assert result["num_examples"] == 20
-    assert np.asarray(result["confusion"]).shape == (10, 10)
-    assert "test accuracy" in capsys.readouterr().out
-    for name in ("confusion.png", "misclassified.png"):
-        assert (workdir / name).read_bytes()[:4] == b"\x89PNG"
-
-    latest = evaluate.evaluate(workdir, checkpoint="latest")
-    assert latest["epoch"] == 4
-    assert latest["test_accuracy"] == pytest.approx(
+    assert result["epoch"] == 4
+    assert result["test_accuracy"] == pytest.approx(
         history["epochs"][-1]["test_accuracy"], abs=1e-6
     )
+    assert result["num_examples"] == 20
+    assert np.asarray(result["confusion"]).shape == (10, 10)
+    assert "the final checkpoint (the run has no validation split" in capsys.readouterr().out
+    for name in ("confusion.png", "misclassified.png"):
+        assert (workdir / name).read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(config.ConfigError, match="no validation split"):
+        evaluate.evaluate(workdir, checkpoint="best")
 
 
 def test_evaluate_an_empty_workdir_says_so(tmp_path):
@@ -196,3 +261,34 @@ def test_device_resize_trains_like_host_resize(idx_dir, tmp_path, he_backbone):
     for a, b in zip(without_seconds(device), without_seconds(host), strict=True):
         for key in a:
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+
+
+def test_each_step_compiles_once_and_a_second_run_loads_them_from_the_cache(
+    idx_dir, tmp_path, caplog
+):
+    """Nothing compiles twice in a run, and a second run of the same command compiles nothing.
+
+    JAX logs a "Compiling <function>" line for every compilation it starts (`jax_log_compiles`);
+    the persistent cache (the session's, kept by `compilation_cache="auto"`) counts its misses.
+    """
+    misses = []
+    jax.monitoring.register_event_listener(
+        lambda name, **_: misses.append(name) if name.endswith("/cache_misses") else None
+    )
+    # A batch and image size no other test uses: the first run compiles everything it runs.
+    config = tiny_config(idx_dir, tmp_path / "first", epochs=2, batch_size=6, image_size=36)
+    jax.config.update("jax_log_compiles", True)
+    try:
+        with caplog.at_level(logging.WARNING, logger="jax"):
+            train.train_and_evaluate(config)
+            compiled = [
+                r.getMessage().split()[1] for r in caplog.records if "Compiling" in r.getMessage()
+            ]
+            first_misses, misses[:] = len(misses), []
+            train.train_and_evaluate(dataclasses.replace(config, workdir=str(tmp_path / "second")))
+    finally:
+        jax.config.update("jax_log_compiles", False)
+    for step in ("_train_fn", "_eval_fn", "_features_fn"):
+        assert sum(step in name for name in compiled) == 1, (step, compiled)
+    assert first_misses > 0
+    assert misses == []

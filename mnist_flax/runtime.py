@@ -1,0 +1,57 @@
+"""The process around a run: quiet libraries and JAX's persistent compilation cache.
+
+`quiet_libraries` is what the `mnist-flax` command calls before TensorFlow or JAX load: TensorFlow
+2.21 writes its oneDNN notice and absl's "All log messages before absl::InitializeLog()" line to
+stderr even with `TF_CPP_MIN_LOG_LEVEL` set, unless its oneDNN custom operations are off
+(`TF_ENABLE_ONEDNN_OPTS=0`); this project uses TensorFlow for tf.data only (no TensorFlow matmul or
+convolution), so they do nothing for it. Orbax's absl warnings (a read-only checkpoint directory
+when evaluating) are held back too. Environment variables a user set are left as they are.
+
+`enable_compilation_cache` turns on JAX's persistent compilation cache, so that a second run of the
+same command (or a resumed run) loads its compiled steps instead of compiling them again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+
+# Anything the user set wins (setdefault).
+QUIET_ENVIRONMENT = {"TF_ENABLE_ONEDNN_OPTS": "0", "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def quiet_libraries() -> None:
+    """Silences TensorFlow's and absl's start-up chatter; call before TensorFlow is imported."""
+    for name, value in QUIET_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
+    # Orbax logs through absl's Python logger; its warnings are about its own options.
+    logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+def default_compilation_cache_dir() -> pathlib.Path:
+    """The per-user cache: $XDG_CACHE_HOME/mnist_flax/jax, by default ~/.cache/mnist_flax/jax."""
+    cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(cache_home, "mnist_flax", "jax")
+
+
+def enable_compilation_cache(setting: str) -> pathlib.Path | None:
+    """Points JAX's persistent compilation cache at `setting`'s directory; returns it.
+
+    "none": JAX's own configuration is left alone (off unless the user turned it on). "auto": a
+    cache directory already configured for JAX (JAX_COMPILATION_CACHE_DIR, or `jax.config` in a
+    notebook) is kept, else the per-user one. Anything else is the directory to use. Every
+    compilation is cached, however quick: the steps of a small run compile in well under JAX's
+    default threshold of one second, and each still costs start-up time.
+    """
+    import jax
+
+    if setting == "none":
+        return None
+    directory = jax.config.jax_compilation_cache_dir
+    if setting != "auto" or not directory:
+        directory = str(default_compilation_cache_dir() if setting == "auto" else setting)
+        jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return pathlib.Path(directory)
