@@ -62,7 +62,7 @@ from mnist_flax.benchmark_subjects import (
     cache_runs,
     resolve_weights,
 )
-from mnist_flax.config import RESIZE_MODES, TrainConfig
+from mnist_flax.config import DEPTHWISE_IMPLS, DTYPES, RESIZE_MODES, TrainConfig
 from mnist_flax.mobilenet_v2 import resolve_depthwise
 from mnist_flax.model import resolve_resize
 
@@ -458,16 +458,22 @@ def build_parser() -> argparse.ArgumentParser:
         "optionally against Keras; swept options take several values.",
     )
     sweep = parser.add_argument_group("swept options (every combination is one row)")
-    sweep.add_argument("--batch-size", type=int, nargs="+", default=[32])
-    sweep.add_argument("--image-size", type=int, nargs="+", default=[224])
-    sweep.add_argument("--dtype", nargs="+", choices=("float32", "bfloat16"), default=["float32"])
-    sweep.add_argument("--depthwise", nargs="+", choices=("auto", "conv", "taps"), default=["auto"])
-    sweep.add_argument("--resize", nargs="+", choices=RESIZE_MODES, default=["auto"])
+    # Every default is the training run's (`TrainConfig`).
+    defaults = TrainConfig()
+    sweep.add_argument("--batch-size", type=int, nargs="+", default=[defaults.batch_size])
+    sweep.add_argument("--image-size", type=int, nargs="+", default=[defaults.image_size])
+    sweep.add_argument("--dtype", nargs="+", choices=DTYPES, default=[defaults.dtype])
+    sweep.add_argument(
+        "--depthwise", nargs="+", choices=DEPTHWISE_IMPLS, default=[defaults.depthwise]
+    )
+    sweep.add_argument("--resize", nargs="+", choices=RESIZE_MODES, default=[defaults.resize])
     model = parser.add_argument_group("model and data")
-    model.add_argument("--alpha", type=float, default=1.0, help="MobileNetV2 width multiplier")
+    model.add_argument(
+        "--alpha", type=float, default=defaults.alpha, help="MobileNetV2 width multiplier"
+    )
     model.add_argument(
         "--weights",
-        default="imagenet",
+        default=defaults.weights,
         help="imagenet (Keras cache or download), none (random), PATH.h5, or a DIR from "
         "`mnist-flax convert` (not with --keras-baseline) (default: imagenet)",
     )
@@ -475,8 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--split", default="train", help="split of --data-dir to read, e.g. test (default: train)"
     )
-    model.add_argument("--learning-rate", type=float, default=1e-3)
-    model.add_argument("--seed", type=int, default=0)
+    model.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    model.add_argument("--seed", type=int, default=defaults.seed)
     protocol = parser.add_argument_group("protocol")
     protocol.add_argument(
         "--measure",

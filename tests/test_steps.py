@@ -1,12 +1,12 @@
 """The steps and the runner that compiles them, on tiny synthetic batches (no input pipeline)."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 from helpers import BATCH, he_initialise_backbone, quadrant_batches, tiny_model
 
-from mnist_flax import steps as steps_lib
 from mnist_flax.model import make_optimizer
 from mnist_flax.steps import StepRunner, make_metrics
 
@@ -63,6 +63,14 @@ def test_padding_rows_weigh_nothing():
     """Two batches that differ only in their padded rows give the same update and metrics."""
     real = quadrant_batches(BATCH, seed=1)[0]
     mask = np.arange(BATCH) < 5
+    model = tiny_model()
+    he_initialise_backbone(model)
+    metrics = make_metrics()
+    steps = StepRunner(model, make_optimizer(model, 1e-2), metrics)
+    # Both batches start from the same state (copies: the step donates what it is given).
+    initial = jax.tree.map(
+        jnp.copy, (steps.model_state, steps.optimizer_state, steps.metrics_state)
+    )
     results = []
     for garbage_seed in (0, 1):
         rng = np.random.default_rng(garbage_seed)
@@ -73,21 +81,22 @@ def test_padding_rows_weigh_nothing():
             "label": np.where(mask, real["label"], rng.integers(0, 4, BATCH)).astype(np.int32),
             "mask": mask,
         }
-        model = tiny_model()
-        he_initialise_backbone(model)
-        optimizer = make_optimizer(model, 1e-2)
-        metrics = make_metrics()
-        steps_lib.train_step(model, optimizer, metrics, batch)
-        computed = metrics.compute()
+        steps.model_state, steps.optimizer_state, steps.metrics_state = jax.tree.map(
+            jnp.copy, initial
+        )
+        steps.train(batch)
+        computed = steps.read_metrics()
+        steps.sync()
         results.append(
             (
                 np.asarray(model.head.kernel[...]),
-                float(computed["loss"]),
-                float(computed["accuracy"]),
+                computed["loss"],
+                computed["accuracy"],
                 int(metrics.accuracy.count[...]),
             )
         )
     (kernel_a, loss_a, accuracy_a, count_a), (kernel_b, loss_b, accuracy_b, count_b) = results
+    assert not np.array_equal(kernel_a, np.asarray(initial[0]["head"]["kernel"][...]))
     np.testing.assert_allclose(kernel_a, kernel_b, rtol=1e-6, atol=1e-7)
     assert loss_a == pytest.approx(loss_b, rel=1e-6)
     assert accuracy_a == accuracy_b
