@@ -482,17 +482,18 @@ def shuffle_and_batch(
     With a `shuffle_seed`, the order is the permutation `np.random.default_rng(shuffle_seed)
     .permutation(num_examples)` of the dataset's own order: it depends on nothing but the seed and
     the length, so datasets of equal length (images and their cached features) are shuffled alike,
-    and it does not depend on TensorFlow's global seed. Shuffling holds every example in memory (a
-    full-dataset shuffle; fine for raw 28x28 digits and for pooled feature vectors); `None` streams
-    in order.
+    and it does not depend on TensorFlow's global seed. `None` keeps the dataset's order. The split
+    is held in memory as one element (raw 28x28 digits, 47 MB for all of MNIST, or pooled feature
+    vectors) and batches are gathered from it.
 
-    Every element gets a bool "mask" [batch_size]. The padding is big_vision's (and clu's): every
-    example is marked real, an endless stream of all-zero examples marked padding follows, and
-    `batch(drop_remainder=True).take(num_batches)` cuts whole batches. So each example is seen
-    exactly once, the last batch is filled with padding, and shapes never change (no
-    recompilation). `num_batches` (default ceil(num_examples / batch_size)) may ask for more
-    batches, all padding, which keeps every process of a multi-process run stepping through the
-    same count. `num_examples` must be the dataset's length; a mismatch fails when it is read.
+    Every element gets a bool "mask" [batch_size]. The padding is big_vision's (and clu's): the
+    examples are followed by endless padding marked False, cut into `num_batches` whole batches,
+    so each example is seen exactly once, the last batch is filled with padding (zeros), and shapes
+    never change (no recompilation). It is done on the example indices (-1 marks padding), so that
+    tf.data works a batch at a time rather than an example at a time. `num_batches` (default
+    ceil(num_examples / batch_size)) may ask for more batches, all padding, which keeps every
+    process of a multi-process run stepping through the same count. `num_examples` must be the
+    dataset's length; a mismatch fails when it is read.
     """
     if not isinstance(examples.element_spec, dict) or "mask" in examples.element_spec:
         raise DataError("shuffle_and_batch needs dict elements without a 'mask' entry")
@@ -505,23 +506,36 @@ def shuffle_and_batch(
             f"num_batches {num_batches} < the {needed} that {num_examples} examples need"
         )
 
-    examples = examples.apply(tf.data.experimental.assert_cardinality(num_examples))
-    if num_examples > 0 and shuffle_seed is not None:
-        order = np.random.default_rng(shuffle_seed).permutation(num_examples)
-        # One element holding the whole dataset, gathered in the shuffled order, then sliced.
-        examples = examples.batch(num_examples).flat_map(
-            lambda everything: tf.data.Dataset.from_tensor_slices(
-                {name: tf.gather(values, order) for name, values in everything.items()}
-            )
-        )
     specs = examples.element_spec
-    padding = {name: tf.zeros(spec.shape, spec.dtype) for name, spec in specs.items()}
-    padding["mask"] = tf.constant(False)
-    batches = (
-        examples.map(lambda example: {**example, "mask": tf.constant(True)})
-        .concatenate(tf.data.Dataset.from_tensors(padding).repeat())
-        .batch(batch_size, drop_remainder=True)
-        .take(num_batches)
+    examples = examples.apply(tf.data.experimental.assert_cardinality(num_examples))
+    order = (
+        np.arange(num_examples)
+        if shuffle_seed is None
+        else np.random.default_rng(shuffle_seed).permutation(num_examples)
+    )
+    indices = np.full(num_batches * batch_size, -1, np.int64)  # -1: padding
+    indices[:num_examples] = order
+    index_batches = tf.data.Dataset.from_tensor_slices(indices.reshape(num_batches, batch_size))
+    if num_examples == 0:  # a process with no share still steps through its padding batches
+        examples = tf.data.Dataset.from_tensors(
+            {name: tf.zeros(spec.shape, spec.dtype) for name, spec in specs.items()}
+        )
+
+    def gather(everything: dict[str, tf.Tensor], batch_indices: tf.Tensor) -> dict:
+        mask = batch_indices >= 0
+        batch = {}
+        for name, values in everything.items():
+            rows = tf.gather(values, tf.maximum(batch_indices, 0))
+            row_mask = tf.reshape(mask, [-1] + [1] * (values.shape.rank - 1))
+            batch[name] = tf.where(row_mask, rows, tf.zeros_like(rows))
+        batch["mask"] = mask
+        return batch
+
+    # One element holding the whole split, then the batches of indices gathered from it.
+    batches = examples.batch(max(num_examples, 1)).flat_map(
+        lambda everything: index_batches.map(
+            lambda batch_indices: gather(everything, batch_indices)
+        )
     )
     return batches.prefetch(tf.data.AUTOTUNE)
 
