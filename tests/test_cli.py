@@ -138,7 +138,8 @@ def test_ctrl_c_stops_after_a_saved_epoch_and_the_next_run_resumes_quietly(tmp_p
     The processes print only this project's lines: no TensorFlow, absl or Orbax chatter.
     """
 
-    input_pipeline.write_idx_split(tmp_path / "idx", "train", *block_digits(2000, seed=0))
+    # Epochs of a few seconds each, so that the signal surely lands in the middle of the run.
+    input_pipeline.write_idx_split(tmp_path / "idx", "train", *block_digits(6000, seed=0))
     input_pipeline.write_idx_split(tmp_path / "idx", "t10k", *block_digits(16, seed=1))
     command = [
         sys.executable, "-m", "mnist_flax", "train", *TINY, "--epochs", "3", "--quiet",
@@ -150,8 +151,9 @@ def test_ctrl_c_stops_after_a_saved_epoch_and_the_next_run_resumes_quietly(tmp_p
     history = tmp_path / "run" / "history.json"
     deadline = time.monotonic() + 240
     while not history.exists() and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.2)
+        time.sleep(0.05)
     assert history.exists(), process.communicate()
+    assert process.poll() is None, "the run ended before it could be interrupted"
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
