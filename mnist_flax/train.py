@@ -175,6 +175,7 @@ class _EpochLoop:
     feature_store: dict | None = None
 
     def __post_init__(self):
+        self.stop_requested = False  # set by Ctrl-C (see `_ctrl_c_between_batches`)
         self.workdir = pathlib.Path(self.config.workdir)
         self.mesh = self.runner.mesh
         self.show_progress = not self.config.quiet and _is_writer()
@@ -193,6 +194,10 @@ class _EpochLoop:
 
     def run(self, splits: dict[str, input_pipeline.Split]) -> None:
         """The remaining epochs over `splits` ("train", "test", optionally "validation")."""
+        with _ctrl_c_between_batches(self):
+            self._run(splits)
+
+    def _run(self, splits: dict[str, input_pipeline.Split]) -> None:
         config = self.config
         cache, size = self.should_cache(splits)
         if cache and len(self.history) < config.epochs:
@@ -232,6 +237,7 @@ class _EpochLoop:
                 record["seconds"] = time.perf_counter() - start
                 self.save(epoch, record)
                 _say(_summary_line(record, config.epochs, images_per_second, inputs))
+                self.stop_if_requested()
         except KeyboardInterrupt:
             _say(
                 f"interrupted during epoch {epoch}; epochs 1-{len(self.history)} are saved in "
@@ -273,6 +279,7 @@ class _EpochLoop:
             for batch in prefetch_to_device(batches, place=count_and_shard):
                 step(batch)
                 bar.update(1)
+                self.stop_if_requested()
                 now = time.perf_counter()
                 if self.show_progress and now - last_refresh >= PROGRESS_REFRESH_SECONDS:
                     running = runner.read_metrics()
@@ -360,6 +367,7 @@ class _EpochLoop:
                 features.append(rows[real].astype(np.float32))
                 labels.append(host["label"][real])
                 bar.update(1)
+                self.stop_if_requested()
         return input_pipeline.with_examples(
             split, {"features": np.concatenate(features), "label": np.concatenate(labels)}
         )
@@ -368,38 +376,48 @@ class _EpochLoop:
         """Appends the epoch's record, saves its checkpoint and rewrites history.json."""
         runner = self.runner
         runner.sync()
-        with _interrupts_deferred():
-            self.history.append(record)
-            # Every process saves: Orbax writes each array once and synchronises the processes.
-            self.store.save(
-                epoch,
-                trainable=nnx.state(runner.model, trainable_filter(runner.model)),
-                optimizer=nnx.state(runner.optimizer),
-                data_seed=self.data_seed,
-                run_config=self.run_config,
-                history=self.history,
+        self.history.append(record)
+        # Every process saves: Orbax writes each array once and synchronises the processes.
+        self.store.save(
+            epoch,
+            trainable=nnx.state(runner.model, trainable_filter(runner.model)),
+            optimizer=nnx.state(runner.optimizer),
+            data_seed=self.data_seed,
+            run_config=self.run_config,
+            history=self.history,
+        )
+        if _is_writer():
+            write_json_atomically(
+                self.workdir / checkpoints.HISTORY_FILE,
+                {"config": self.run_config, "epochs": self.history},
             )
-            if _is_writer():
-                write_json_atomically(
-                    self.workdir / checkpoints.HISTORY_FILE,
-                    {"config": self.run_config, "epochs": self.history},
-                )
+
+    def stop_if_requested(self) -> None:
+        """Turns a Ctrl-C noted by `_ctrl_c_between_batches` into KeyboardInterrupt, here."""
+        if self.stop_requested:
+            raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
-def _interrupts_deferred() -> Iterator[None]:
-    """Holds back Ctrl-C while a checkpoint and history.json are written, then delivers it."""
+def _ctrl_c_between_batches(loop: _EpochLoop) -> Iterator[None]:
+    """While the epochs run, Ctrl-C only sets `loop.stop_requested`; the loop acts on it.
+
+    The loop checks the flag after every batch and after every checkpoint, and raises
+    KeyboardInterrupt there: a checkpoint and history.json are never half written, and the
+    interrupt cannot land inside library code that would swallow it.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    received = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+
+    def request_stop(signum, frame):
+        loop.stop_requested = True
+
+    previous = signal.signal(signal.SIGINT, request_stop)
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-    if received:
-        raise KeyboardInterrupt
 
 
 def write_json_atomically(path: pathlib.Path, content: Any) -> None:
