@@ -199,8 +199,10 @@ class _EpochLoop:
 
     def _run(self, splits: dict[str, input_pipeline.Split]) -> None:
         config = self.config
+        if len(self.history) >= config.epochs:
+            return  # a finished run: nothing to train, nothing to cache or say about caching
         cache, size = self.should_cache(splits)
-        if cache and len(self.history) < config.epochs:
+        if cache:
             start = time.perf_counter()
             computed = not self.stored(splits)
             splits = {role: self.cached(split) for role, split in splits.items()}
