@@ -1,8 +1,11 @@
 """Throughput benchmark: where the time of a training step goes, and how it compares with Keras.
 
 This module owns how things are timed (the protocol), the report (a table on stdout, optionally
-`--json FILE`) and the command line; what is timed is in `benchmark_subjects.py`. For every combination of the swept options (`--batch-size`, `--image-size`, `--dtype`, `--depthwise`,
-`--resize`; each takes several values) it measures:
+`--json FILE`) and the command line; what is timed is in `benchmark_subjects.py`. For every
+combination of the swept options (`--batch-size`, `--image-size`, `--dtype`, `--depthwise`,
+`--resize`; each takes several values) it measures, on the model `--model` names (the pipeline
+model on RGB images in [-1, 1], the default; or the Keras notebook's model, UpSampling2D +
+Conv2D(3, relu) in front of the frozen backbone, on 28x28 digits in [0, 1]):
 
 - pipeline: images/s coming out of the tf.data input pipeline alone (`input_pipeline.make_batches`,
   converted to NumPy as the training loop receives them);
@@ -13,11 +16,14 @@ This module owns how things are timed (the protocol), the report (a table on std
 - compile: the train step's one compilation (trace, lower and XLA compile), a single measurement;
 - forward: the classifier's plain forward pass (softmax probabilities), the work of `model.predict`;
 - end-to-end: the pipeline feeding the step, batches copied to the device ahead of the step;
-- with `--keras-baseline`, the tutorial's Keras model (frozen MobileNetV2, GlobalAveragePooling2D,
-  Dense(10, softmax), Adam, categorical cross-entropy) on the same batch: `model.train_on_batch` (the
-  compiled step `model.fit` runs) and `model.predict_on_batch`, with the ratios ours / Keras;
-- with `--measure cache`, two complete `train.train_and_evaluate` runs of `--epochs` epochs on the
-  same small data, `--cache-features never` and `always`, and the ratio of their wall times.
+- with `--keras-baseline`, the same model in Keras (frozen MobileNetV2, GlobalAveragePooling2D,
+  Dense(10, softmax), Adam, categorical cross-entropy; with `--model notebook` the notebook's exact
+  Sequential model) on the same batch: `model.train_on_batch` (the compiled step `model.fit` runs)
+  and `model.predict_on_batch`, with the ratios ours / Keras; both rows record what they were fed
+  and their trainable and total parameter counts (Keras' row also its layers);
+- with `--measure cache` (pipeline model only), two complete `train.train_and_evaluate` runs of
+  `--epochs` epochs on the same small data, `--cache-features never` and `always`, and the ratio
+  of their wall times.
 
 The protocol: every measurement is warmed up first (compilation and tf.data start-up are never
 timed), then all measurements of one batch size and image size, ours and Keras', run in turn,
@@ -31,6 +37,7 @@ loader. The report says which. Usage (also `python scripts/benchmark.py`):
 
     python -m mnist_flax.benchmark --batch-size 32 128 --resize host device --json bench.json
     python -m mnist_flax.benchmark --keras-baseline --weights ../shared/weights/FILE.h5
+    python -m mnist_flax.benchmark --model notebook --keras-baseline --weights ../shared/FILE.h5
     python -m mnist_flax.benchmark --measure cache --data-dir ../shared/data/mnist --split test
 """
 
@@ -62,7 +69,7 @@ from mnist_flax.benchmark_subjects import (
     cache_runs,
     resolve_weights,
 )
-from mnist_flax.config import DEPTHWISE_IMPLS, DTYPES, RESIZE_MODES, TrainConfig
+from mnist_flax.config import DEPTHWISE_IMPLS, DIGIT_SIZE, DTYPES, MODELS, RESIZE_MODES, TrainConfig
 from mnist_flax.mobilenet_v2 import resolve_depthwise
 from mnist_flax.model import resolve_resize
 
@@ -267,9 +274,12 @@ def measure_group(
         row: dict[str, Any] = dataclasses.asdict(variant)
         if ours.compile_seconds is not None:
             row["compile_seconds"] = ours.compile_seconds
+            row["input"], row["parameters"] = ours.input, ours.parameters
         if variant.depthwise == "auto":
             row["depthwise"] = f"auto={resolve_depthwise('auto')}"
-        if variant.resize == "auto":
+        if variant.model == "notebook":
+            row["resize"] = resolve_resize(variant.resize, variant.model)
+        elif variant.resize == "auto":
             row["resize"] = f"auto={resolve_resize('auto')}"
         for name in DEFAULT_MEASUREMENTS:
             if name in args.measure:
@@ -277,9 +287,20 @@ def measure_group(
         rows.append(row)
     keras_row = None
     if args.keras_baseline and {"step", "forward"} & set(args.measure):
-        print(f"building the Keras model ({batch_size} x {image_size}x{image_size})", flush=True)
-        keras = KerasRun(batch_size, image_size, split, **common)
-        keras_row = {"batch_size": batch_size, "image_size": image_size}
+        print(
+            f"building the Keras {args.model} model ({batch_size} x {image_size}x{image_size})",
+            flush=True,
+        )
+        keras = KerasRun(batch_size, image_size, split, model=args.model, **common)
+        keras_row = {
+            "batch_size": batch_size,
+            "image_size": image_size,
+            "model": args.model,
+            "resize": resolve_resize("host", args.model),
+            "input": keras.input,
+            "parameters": keras.parameters,
+            "layers": keras.layers,
+        }
         # Keras' calls return when their work is done: there is nothing to wait for after them.
         for name, start in (("step", keras.train_step), ("forward", keras.forward)):
             if name in args.measure:
@@ -325,7 +346,8 @@ def measure_cache(args: argparse.Namespace, data: DataSource) -> dict:
 
 def describe(variant: Variant) -> str:
     return (
-        f"batch {variant.batch_size}, {variant.image_size}x{variant.image_size}, {variant.dtype}, "
+        f"{variant.model} model, batch {variant.batch_size}, "
+        f"{variant.image_size}x{variant.image_size}, {variant.dtype}, "
         f"depthwise {variant.depthwise}, resize {variant.resize}"
     )
 
@@ -333,7 +355,7 @@ def describe(variant: Variant) -> str:
 def resize_comparisons(rows: list[dict]) -> list[dict]:
     """For variants that differ only in --resize: device / host images/s of pipeline and end to end."""
     comparisons = []
-    key_fields = ("batch_size", "image_size", "dtype", "depthwise")
+    key_fields = ("model", "batch_size", "image_size", "dtype", "depthwise")
     by_key = {(tuple(row[f] for f in key_fields), row["resize"]): row for row in rows}
     for (key, resize), device in by_key.items():
         host = by_key.get((key, "host"))
@@ -388,18 +410,25 @@ COLUMNS: tuple[tuple[str, str, Callable[[dict], float | None]], ...] = (
 
 
 def _table(rows: list[dict], keras_rows: list[dict]) -> list[str]:
-    def cells(row: dict, who: str) -> str:
-        settings = (
-            f"{who:5} {row['batch_size']:>5} {row['image_size']:>4} {row.get('dtype', 'float32'):8} "
-            f"{row.get('depthwise', '-'):10} {row.get('resize', 'host'):6}"
-        )
-        values = (column(row) for _, _, column in COLUMNS)
-        return settings + "".join("        -" if v is None else f"{v:9.1f}" for v in values)
+    def settings(who, model, batch, size, dtype, depthwise, resize) -> str:
+        return f"{who:5} {model:8} {batch:>5} {size:>4} {dtype:8} {depthwise:10} {resize:6}"
 
+    def cells(row: dict, who: str) -> str:
+        values = (column(row) for _, _, column in COLUMNS)
+        return settings(
+            who,
+            row.get("model", MODELS[0]),
+            row["batch_size"],
+            row["image_size"],
+            row.get("dtype", "float32"),
+            row.get("depthwise", "-"),
+            row.get("resize", "host"),
+        ) + "".join("        -" if v is None else f"{v:9.1f}" for v in values)
+
+    header = settings("", "model", "batch", "size", "dtype", "depthwise", "resize")
     lines = [
-        f"{'':5} {'batch':>5} {'size':>4} {'dtype':8} {'depthwise':10} {'resize':6}"
-        + "".join(f"{heading:>9}" for heading, _, _ in COLUMNS),
-        f"{'':42}" + "".join(f"{unit:>9}" for _, unit, _ in COLUMNS),
+        header + "".join(f"{heading:>9}" for heading, _, _ in COLUMNS),
+        " " * len(header) + "".join(f"{unit:>9}" for _, unit, _ in COLUMNS),
     ]
     lines += [cells(row, "ours") for row in rows]
     lines += [cells(row, "keras") for row in keras_rows]
@@ -408,7 +437,33 @@ def _table(rows: list[dict], keras_rows: list[dict]) -> list[str]:
 
 def _label(row: dict) -> str:
     size = row["image_size"]
-    return f"batch {row['batch_size']} {size}x{size} {row['dtype']} depthwise {row['depthwise']}"
+    return (
+        f"{row.get('model', MODELS[0])} model, batch {row['batch_size']} {size}x{size} "
+        f"{row['dtype']} depthwise {row['depthwise']}"
+    )
+
+
+def _parameters(row: dict) -> str:
+    counts = row["parameters"]
+    return f"{counts['trainable']:,} of {counts['total']:,} parameters trainable"
+
+
+def _models_compared(keras_row: dict, rows: list[dict]) -> str:
+    """What Keras' row timed (layers, input, parameters), beside ours of the same batch and size."""
+    size = keras_row["image_size"]
+    line = (
+        f"keras {keras_row['model']} model, batch {keras_row['batch_size']} {size}x{size}: "
+        f"{' > '.join(keras_row['layers'])} on {keras_row['input']}, {_parameters(keras_row)}"
+    )
+    ours = [
+        row
+        for row in rows
+        if "parameters" in row
+        and (row["batch_size"], row["image_size"]) == (keras_row["batch_size"], size)
+    ]
+    if ours:
+        line += f"; ours on {ours[0]['input']}, {_parameters(ours[0])}"
+    return line
 
 
 def format_report(results: dict) -> str:
@@ -421,10 +476,12 @@ def format_report(results: dict) -> str:
     ]
     if results["rows"]:
         lines += ["", *_table(results["rows"], results["keras"]), ""]
+    for keras_row in results["keras"]:
+        lines.append(_models_compared(keras_row, results["rows"]))
     for row in results["rows"]:
         if "ours_over_keras" in row:
             ratios = ", ".join(f"{k} {v:.2f}x" for k, v in row["ours_over_keras"].items())
-            lines.append(f"ours / keras, {_label(row)} {row['resize']} resize: {ratios}")
+            lines.append(f"ours / keras, {_label(row)}, resize {row['resize']}: {ratios}")
     for comparison in results["resize_comparisons"]:
         ratios = ", ".join(
             f"{name.removesuffix('_device_over_host')} {value:.2f}x"
@@ -468,6 +525,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument("--resize", nargs="+", choices=RESIZE_MODES, default=[defaults.resize])
     model = parser.add_argument_group("model and data")
+    model.add_argument(
+        "--model",
+        choices=MODELS,
+        default=defaults.model,
+        help="pipeline: RGB images in [-1, 1] into the frozen MobileNetV2; notebook: the Keras "
+        "notebook's model, 28x28 digits in [0, 1] through UpSampling2D(--image-size / 28) + "
+        "Conv2D(3, relu) first (--image-size a multiple of 28; no --resize, no --measure cache) "
+        f"(default: {defaults.model})",
+    )
     model.add_argument(
         "--alpha", type=float, default=defaults.alpha, help="MobileNetV2 width multiplier"
     )
@@ -523,6 +589,25 @@ def _check(args: argparse.Namespace) -> None:
             raise BenchmarkError(f"--{flag.replace('_', '-')} must be at least 1")
     if min(args.cache_examples) < 1:
         raise BenchmarkError("--cache-examples needs at least one train and one test example")
+    if args.model == "notebook":
+        if "cache" in args.measure:
+            raise BenchmarkError(
+                "--measure cache cannot be used with --model notebook: its adapter trains in "
+                "front of the backbone, so no cache of the backbone's features is exact"
+            )
+        if args.resize != ["auto"]:
+            raise BenchmarkError(
+                f"--resize {' '.join(args.resize)} applies to --model pipeline: the notebook "
+                f"model takes {DIGIT_SIZE}x{DIGIT_SIZE} digits in [0, 1] and upsamples them "
+                "inside its step (leave --resize out)"
+            )
+        odd = [size for size in args.image_size if size % DIGIT_SIZE]
+        if odd:
+            raise BenchmarkError(
+                f"--image-size {' '.join(map(str, odd))}: --model notebook upsamples the "
+                f"{DIGIT_SIZE}x{DIGIT_SIZE} digits by a whole factor (UpSampling2D), so every "
+                f"size must be a multiple of {DIGIT_SIZE} (224 is the notebook's 8x)"
+            )
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -530,7 +615,7 @@ def run(args: argparse.Namespace) -> dict:
     _check(args)
     load_start = [round(load, 2) for load in os.getloadavg()]
     variants = [
-        Variant(*values)
+        Variant(*values, model=args.model)
         for values in itertools.product(
             args.batch_size, args.image_size, args.dtype, args.depthwise, args.resize
         )

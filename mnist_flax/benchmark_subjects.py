@@ -4,10 +4,12 @@
 the project's public API only (`model`, `steps.StepRunner`, `input_pipeline`, `train`):
 
 - `OurRun`: one variant's compiled train step, forward pass, input pipeline, and the pipeline
-  feeding the step (`steps.prefetch_to_device`, as the epoch loop does);
-- `KerasRun`: the tutorial's Keras model (frozen MobileNetV2, GlobalAveragePooling2D, Dense(10,
-  softmax), Adam, categorical cross-entropy) on the same batch, `train_on_batch` and
-  `predict_on_batch`;
+  feeding the step (`steps.prefetch_to_device`, as the epoch loop does), for either model
+  (`--model`: the pipeline model on RGB images, or the notebook model on 28x28 digits in [0, 1]);
+- `KerasRun`: the same model in Keras (`keras_classifier`: frozen MobileNetV2,
+  GlobalAveragePooling2D, Dense(10, softmax), Adam, categorical cross-entropy; the notebook model
+  has the notebook's UpSampling2D + Conv2D(3, relu) in front) on the same batch, `train_on_batch`
+  and `predict_on_batch`;
 - `cache_runs`: two complete `train.train_and_evaluate` runs, `--cache-features never` and `always`.
 """
 
@@ -25,8 +27,15 @@ import numpy as np
 import tensorflow as tf
 
 from mnist_flax import convert, input_pipeline, train
-from mnist_flax.config import TrainConfig
-from mnist_flax.model import create_model, make_optimizer, resolve_resize
+from mnist_flax.config import DIGIT_SIZE, MODELS, TrainConfig
+from mnist_flax.model import (
+    ADAPTER,
+    HEAD,
+    create_model,
+    freeze_labels,
+    make_optimizer,
+    resolve_resize,
+)
 from mnist_flax.steps import StepRunner, make_metrics, prefetch_to_device
 
 NUM_CLASSES = 10
@@ -45,6 +54,7 @@ class Variant:
     dtype: str
     depthwise: str
     resize: str
+    model: str = MODELS[0]
 
 
 def exact_size(split: input_pipeline.Split, num_examples: int) -> input_pipeline.Split:
@@ -57,6 +67,11 @@ def exact_size(split: input_pipeline.Split, num_examples: int) -> input_pipeline
         name=split.name,
         max_process_examples=num_examples,
     )
+
+
+def describe_input(images) -> str:
+    """What a model is fed, e.g. "float32 [28, 28, 1]" (one example's dtype and shape)."""
+    return f"{images.dtype.name} {[int(side) for side in images.shape[1:]]}"
 
 
 def resolve_weights(weights: str, alpha: float, image_size: int) -> str:
@@ -78,7 +93,10 @@ def resolve_weights(weights: str, alpha: float, image_size: int) -> str:
 class OurRun:
     """The train step, forward pass, pipeline and end-to-end loop of one variant.
 
-    With `build_model` False (only the pipeline is measured) no model is built or compiled.
+    `variant.model` says which classifier (`model.create_model`) and so which batches: RGB images
+    for the pipeline model, 28x28 digits in [0, 1] for the notebook model (its `--resize` is
+    "none"). With `build_model` False (only the pipeline is measured) no model is built or
+    compiled. `input` and `parameters` say what was timed, for the report to show.
     """
 
     def __init__(
@@ -94,9 +112,12 @@ class OurRun:
     ):
         self.variant, self.split, self.seed = variant, split, seed
         self.compile_seconds = None
+        self.input: str | None = None
+        self.parameters: dict[str, int] | None = None
         if not build_model:
             return
         config = TrainConfig(
+            model=variant.model,
             image_size=variant.image_size,
             batch_size=variant.batch_size,
             learning_rate=learning_rate,
@@ -109,8 +130,10 @@ class OurRun:
         )
         config.validate()
         model = create_model(config, NUM_CLASSES)
+        self.parameters = count_parameters(model)
         self.runner = StepRunner(model, make_optimizer(model, learning_rate), make_metrics())
         first_batch = next(self.batches(exact_size(split, variant.batch_size), 0))
+        self.input = describe_input(first_batch["image"])
         self.batch = jax.device_put(first_batch)
         began = time.perf_counter()
         self.runner.lower_train(self.batch).compile()
@@ -123,7 +146,7 @@ class OurRun:
             batch_size=self.variant.batch_size,
             image_size=self.variant.image_size,
             shuffle_seed=input_pipeline.epoch_seed(self.seed, epoch),
-            resize=resolve_resize(self.variant.resize),
+            resize=resolve_resize(self.variant.resize, self.variant.model),
         ).as_numpy_iterator()
 
     # Step measurements: start one call, then wait for its result.
@@ -170,8 +193,53 @@ class OurRun:
         return num_steps * self.variant.batch_size, run
 
 
-def keras_classifier(alpha: float, image_size: int, weights: str, seed: int):
-    """MobileNetV2(include_top=False) frozen, GlobalAveragePooling2D, Dense(10, softmax), compiled."""
+def count_parameters(model) -> dict[str, int]:
+    """Our model's numbers of parameters as Keras counts them: trained in the frozen stage, all.
+
+    "trainable": the adapter's and the head's (what the frozen stage's optimizer moves), Keras'
+    `trainable_weights`; "total": every parameter and BatchNorm statistic, Keras' `count_params()`.
+    """
+    from flax import nnx
+
+    labels = dict(nnx.to_flat_state(freeze_labels(model)))
+    params = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    trainable = sum(value.size for path, value in params if labels[path] in (ADAPTER, HEAD))
+    total = sum(leaf.size for leaf in jax.tree.leaves(nnx.state(model, (nnx.Param, nnx.BatchStat))))
+    return {"trainable": int(trainable), "total": int(total)}
+
+
+def describe_keras_layer(layer) -> str:
+    """A Keras layer as the report shows it, e.g. "UpSampling2D(4, 4)", "Conv2D(3, 3x3, relu)"."""
+    kind = type(layer).__name__
+    if kind == "UpSampling2D":
+        return f"{kind}({', '.join(map(str, layer.size))})"
+    if kind == "Conv2D":
+        kernel = "x".join(map(str, layer.kernel_size))
+        return f"{kind}({layer.filters}, {kernel}, {layer.activation.__name__})"
+    if kind == "Dense":
+        return f"{kind}({layer.units}, {layer.activation.__name__})"
+    if kind == "Functional":
+        return layer.name  # the backbone, e.g. mobilenetv2_1.00_224
+    return kind
+
+
+def keras_parameters(model) -> dict[str, int]:
+    """`count_parameters` of a Keras model."""
+    trainable = sum(int(np.prod(weight.shape)) for weight in model.trainable_weights)
+    return {"trainable": trainable, "total": int(model.count_params())}
+
+
+def keras_classifier(
+    alpha: float, image_size: int, weights: str, seed: int, *, model: str = MODELS[0]
+):
+    """The Keras model `model` names (`config.MODELS`), compiled as the tutorial compiles it.
+
+    "pipeline": Input(image_size, image_size, 3), MobileNetV2(include_top=False) frozen,
+    GlobalAveragePooling2D, Dense(10, softmax). "notebook": the notebook's own
+    `Sequential([InputLayer((28, 28, 1)), UpSampling2D(image_size // 28), Conv2D(3, (3, 3),
+    padding="same", activation="relu"), base, GlobalAveragePooling2D(), Dense(10, softmax)])`.
+    Both: `compile(optimizer="adam", loss="categorical_crossentropy", metrics=["accuracy"])`.
+    """
     import keras  # only with --keras-baseline: the project itself never needs Keras
 
     if pathlib.Path(weights).is_dir():
@@ -187,22 +255,36 @@ def keras_classifier(alpha: float, image_size: int, weights: str, seed: int):
         weights=None if weights == "none" else weights,
     )
     backbone.trainable = False
-    model = keras.Sequential(
+    if model == "notebook":
+        factor = image_size // DIGIT_SIZE
+        inputs = [
+            keras.layers.InputLayer(shape=(DIGIT_SIZE, DIGIT_SIZE, 1)),
+            keras.layers.UpSampling2D(size=(factor, factor)),
+            keras.layers.Conv2D(3, (3, 3), padding="same", activation="relu"),
+        ]
+    else:
+        inputs = [keras.layers.InputLayer(shape=(image_size, image_size, 3))]
+    classifier = keras.Sequential(
         [
-            keras.Input((image_size, image_size, 3)),
+            *inputs,
             backbone,
             keras.layers.GlobalAveragePooling2D(),
             keras.layers.Dense(NUM_CLASSES, activation="softmax"),
         ]
     )
-    model.compile(
+    classifier.compile(
         optimizer=keras.optimizers.Adam(), loss="categorical_crossentropy", metrics=["accuracy"]
     )
-    return model
+    return classifier
 
 
 class KerasRun:
-    """Keras' train step and forward pass on one batch (the tf.data host-resized images)."""
+    """Keras' train step and forward pass of `model`'s classifier on one batch.
+
+    The batch is what that model reads: the tf.data host-resized RGB images in [-1, 1] (pipeline),
+    or the 28x28 digits as the notebook's `x / 255` (notebook). `input`, `layers` and `parameters`
+    say what was timed.
+    """
 
     def __init__(
         self,
@@ -213,11 +295,18 @@ class KerasRun:
         weights: str,
         alpha: float,
         seed: int,
+        model: str = MODELS[0],
     ):
-        self.model = keras_classifier(alpha, image_size, weights, seed)
+        self.model = keras_classifier(alpha, image_size, weights, seed, model=model)
         raw = next(iter(exact_size(split, batch_size).examples.batch(batch_size)))
-        self.images = input_pipeline.preprocess_images(raw["image"], image_size)
+        if model == "notebook":
+            self.images = tf.cast(raw["image"], tf.float32) / 255.0
+        else:
+            self.images = input_pipeline.preprocess_images(raw["image"], image_size)
         self.labels = tf.one_hot(raw["label"], NUM_CLASSES)
+        self.input = describe_input(self.images)
+        self.layers = [describe_keras_layer(layer) for layer in self.model.layers]
+        self.parameters = keras_parameters(self.model)
 
     def train_step(self) -> None:
         self.model.train_on_batch(self.images, self.labels)

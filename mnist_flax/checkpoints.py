@@ -1,9 +1,10 @@
 """Checkpoints of a training run (Orbax): what each epoch saves, which are kept, whose workdir it is.
 
 Each epoch saves, under `<workdir>/checkpoints/<epoch>/`:
-- `trainable`: the parameters the optimizer trains (the head). The frozen backbone is not saved: it
-  is rebuilt from the run's `weights` source, which is why that source must not change on resume.
-- `optimizer`: the optimizer state (step count, Adam moments).
+- `trainable`: the parameters some stage of the run trains (the head, the notebook model's adapter,
+  the fine-tuned layers). The frozen rest of the backbone is not saved: it is rebuilt from the
+  run's `weights` source, which is why that source must not change on resume.
+- `optimizer`: the state of the epoch's stage's optimizer (step count, Adam moments).
 - `meta` (JSON): the epoch, the seed the per-epoch data orders derive from, the run's config and
   the history so far, so a checkpoint alone is enough to resume.
 
@@ -37,6 +38,7 @@ KEEP_LATEST = 3
 # seed). Everything else (workdir, quiet, data_dir, resize, depthwise, cache_features, and epochs
 # unless the learning rate decays) may change.
 MUST_MATCH = (
+    "model",
     "dataset",
     "train_split",
     "test_split",
@@ -54,6 +56,9 @@ MUST_MATCH = (
     "decay_steps",
     "validation_split",
     "seed",
+    # The fine-tuning stage (None in a run without one): the layer it starts at, the epoch it
+    # follows, its learning rate and the steps that rate decays over.
+    "fine_tune",
 )
 # The metric that chooses the best checkpoint of a run with a validation split.
 BEST_METRIC = "validation_accuracy"
@@ -233,14 +238,15 @@ class RunCheckpoints:
     def run_config(self, epoch: int) -> dict:
         return self.run_meta(epoch)["config"]
 
-    def restore(self, epoch: int, *, trainable: Any, optimizer: Any | None = None) -> Restored:
-        """Reads epoch `epoch` into trees shaped like `trainable` (and `optimizer`, when given)."""
-        items = {
-            "meta": ocp.args.JsonRestore(),
-            "trainable": ocp.args.StandardRestore(saved_target(trainable)),
-        }
-        if optimizer is not None:
-            items["optimizer"] = ocp.args.StandardRestore(saved_target(optimizer))
+    def restore(
+        self, epoch: int, *, trainable: Any | None = None, optimizer: Any | None = None
+    ) -> Restored:
+        """Reads epoch `epoch` into trees shaped like `trainable` and `optimizer` (those given)."""
+        items = {"meta": ocp.args.JsonRestore()}
+        targets = {"trainable": trainable, "optimizer": optimizer}
+        for name, target in targets.items():
+            if target is not None:
+                items[name] = ocp.args.StandardRestore(saved_target(target))
         try:
             restored = self.manager.restore(epoch, args=ocp.args.Composite(**items))
         except (ValueError, KeyError, FileNotFoundError) as error:
@@ -249,15 +255,16 @@ class RunCheckpoints:
                 f"({str(error).splitlines()[0]}); choose another --workdir"
             ) from None
         meta = restored["meta"]
+        read = {
+            name: into_state(target, restored[name]) if target is not None else None
+            for name, target in targets.items()
+        }
         return Restored(
             epoch=meta["epoch"],
-            trainable=into_state(trainable, restored["trainable"]),
-            optimizer=(
-                into_state(optimizer, restored["optimizer"]) if optimizer is not None else None
-            ),
             data_seed=meta["data_seed"],
             run_config=meta["config"],
             history=meta["history"],
+            **read,
         )
 
     def close(self) -> None:

@@ -101,21 +101,59 @@ def build_parser() -> argparse.ArgumentParser:
     seeds.set_defaults(seed=config.TrainConfig.seed)
 
     evaluate = commands.add_parser(
-        "evaluate", help="test accuracy, confusion.png and misclassified.png of a trained workdir"
-    )
-    evaluate.add_argument("--workdir", required=True)
-    evaluate.add_argument(
-        "--checkpoint", choices=config.EVALUATE_CHECKPOINTS, default=config.EVALUATE_CHECKPOINTS[0]
+        "evaluate",
+        help="test accuracy, confusion.png and misclassified.png of a trained workdir, or of a "
+        "classifier converted from Keras (--weights DIR)",
     )
     evaluate.add_argument(
-        "--test-split", default=None, help="split to evaluate (default: the run's test split)"
+        "--workdir",
+        required=True,
+        help="the run to evaluate; with --weights, where the figures are written",
+    )
+    evaluate.add_argument(
+        "--checkpoint",
+        choices=config.EVALUATE_CHECKPOINTS,
+        default=None,
+        help=f"which of the run's checkpoints (default: {config.EVALUATE_CHECKPOINTS[0]})",
+    )
+    evaluate.add_argument(
+        "--test-split",
+        default=None,
+        help="split to evaluate (default: the run's test split; with --weights: test)",
+    )
+    converted = evaluate.add_argument_group(
+        "a converted classifier (the run's config says these for a workdir)"
+    )
+    converted.add_argument(
+        "--weights",
+        default=None,
+        metavar="DIR",
+        help="evaluate the whole classifier `mnist-flax convert --keras-model` wrote to DIR",
+    )
+    converted.add_argument("--dataset", default=None, help="with --weights (default: mnist)")
+    converted.add_argument(
+        "--data-dir", default=None, metavar="DIR", help="with --weights: read IDX files from DIR"
+    )
+    converted.add_argument(
+        "--batch-size", type=int, default=None, help="with --weights (default: 32)"
     )
 
     convert = commands.add_parser(
-        "convert", help="convert Keras MobileNetV2 weights into a directory for --weights DIR"
+        "convert",
+        help="convert Keras MobileNetV2 weights (--weights) or a whole trained Keras classifier "
+        "(--keras-model) into a directory for --weights DIR",
     )
-    convert.add_argument("--weights", required=True, help="imagenet | PATH.h5")
-    convert.add_argument("--alpha", type=float, default=1.0)
+    source = convert.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--weights", help="imagenet | PATH.h5: MobileNetV2 weights, a backbone for `train`"
+    )
+    source.add_argument(
+        "--keras-model",
+        metavar="PATH",
+        help="a trained Keras classifier (.keras, or a full-model .h5 from model.save): the "
+        "notebook's Sequential or the pipeline model, head and adapter included",
+    )
+    convert.add_argument("--alpha", type=float, default=None, help="with --weights (default: 1.0)")
     convert.add_argument("--out", required=True, help="output directory")
     return parser
 
@@ -146,17 +184,75 @@ def _seeds(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
+    converted_only = {
+        "--dataset": args.dataset,
+        "--data-dir": args.data_dir,
+        "--batch-size": args.batch_size,
+    }
+    if args.weights is None:
+        given = [flag for flag, value in converted_only.items() if value is not None]
+        if given:
+            raise UsageError(
+                f"{given[0]} applies to --weights DIR; a run's workdir records its own "
+                "(see mnist-flax evaluate --help)"
+            )
+        from mnist_flax import evaluate
+
+        evaluate.evaluate(
+            args.workdir,
+            checkpoint=args.checkpoint or config.EVALUATE_CHECKPOINTS[0],
+            test_split=args.test_split,
+        )
+        return
+    if args.checkpoint is not None:
+        raise UsageError(
+            "--checkpoint chooses among a run's checkpoints; --weights DIR holds one classifier "
+            "(see mnist-flax evaluate --help)"
+        )
     from mnist_flax import evaluate
 
-    evaluate.evaluate(args.workdir, checkpoint=args.checkpoint, test_split=args.test_split)
+    given = {
+        "dataset": args.dataset,
+        "data_dir": args.data_dir,
+        "test_split": args.test_split,
+        "batch_size": args.batch_size,
+    }
+    # Unset flags keep `evaluate_classifier`'s defaults (TrainConfig's); it validates the rest.
+    evaluate.evaluate_classifier(
+        args.weights,
+        args.workdir,
+        **{name: value for name, value in given.items() if value is not None},
+    )
 
 
 def _convert(args: argparse.Namespace) -> None:
+    if args.keras_model is not None:
+        if args.alpha is not None:
+            raise UsageError(
+                "--alpha applies to --weights; --keras-model reads it from the model's arrays "
+                "(see mnist-flax convert --help)"
+            )
+        _convert_classifier(args.keras_model, args.out)
+        return
     from mnist_flax import convert
 
-    model = convert.mobilenet_v2_from_keras(args.weights, alpha=args.alpha, include_top=False)
+    alpha = 1.0 if args.alpha is None else args.alpha
+    model = convert.mobilenet_v2_from_keras(args.weights, alpha=alpha, include_top=False)
     convert.save_converted(model, args.out, source=str(args.weights))
-    print(f"wrote MobileNetV2 alpha {args.alpha} (no top) from {args.weights} to {args.out}")
+    print(f"wrote MobileNetV2 alpha {alpha} (no top) from {args.weights} to {args.out}")
+
+
+def _convert_classifier(path: str, out: str) -> None:
+    from mnist_flax import convert
+
+    model = convert.classifier_from_keras(convert.load_keras_model(path))
+    kind = convert.classifier_kind(model)
+    convert.save_classifier(model, out, model_name=kind, source=str(path))
+    print(
+        f"wrote the {kind} classifier ({model.head.out_features} classes, MobileNetV2 alpha "
+        f"{model.backbone.alpha}, {model.image_size} px) from {path} to {out}; use it with "
+        f"--model {kind} --image-size {model.image_size} --weights {out}"
+    )
 
 
 COMMANDS = {"train": _train, "seeds": _seeds, "evaluate": _evaluate, "convert": _convert}

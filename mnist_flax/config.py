@@ -31,6 +31,17 @@ CACHE_FEATURES = ("auto", "always", "never")
 # Bytes one image of one batch occupies at its widest in the backbone, per input pixel: the float32
 # RGB input (3 channels) and block 1's expanded activation (96 channels at half the side: 24).
 _BYTES_PER_PIXEL = 4 * (3 + 24)
+# "pipeline": tf.data makes the digits RGB, --image-size square and [-1, 1] for a frozen MobileNetV2,
+# pooling and a Dense head. "notebook": the Keras notebook's own model, 28x28 digits in [0, 1] through
+# a trainable UpSampling2D + Conv2D(3, relu) adapter in front of the frozen backbone.
+MODELS = ("pipeline", "notebook")
+# MNIST's side; the notebook model upsamples it by a whole factor (8 for its 224 px).
+DIGIT_SIZE = 28
+# MobileNetV2's inverted residual blocks: block_id 0..16 (Keras names block 0 "expanded_conv").
+NUM_BLOCKS = 17
+# A run's two stages: --epochs with the whole backbone frozen, then --fine-tune-epochs in which the
+# layers from --fine-tune-from on train too.
+STAGES = ("frozen", "fine-tune")
 # Which checkpoint of a run `mnist-flax evaluate` restores: "best" by validation accuracy (a run
 # with --validation-split), "latest", or "auto": best where there is a validation split, else latest.
 EVALUATE_CHECKPOINTS = ("auto", "best", "latest")
@@ -38,6 +49,39 @@ EVALUATE_CHECKPOINTS = ("auto", "best", "latest")
 
 class ConfigError(ValueError):
     """An invalid training option (named by its command-line flag)."""
+
+
+def block_keras_prefix(block_id: int) -> str:
+    """Keras' layer-name prefix of block `block_id`: block 0 is "expanded_conv_", the rest "block_<i>_"."""
+    return "expanded_conv_" if block_id == 0 else f"block_{block_id}_"
+
+
+def backbone_layer_names() -> tuple[str, ...]:
+    """MobileNetV2's weighted Keras layers (no top) in network order: what --fine-tune-from names."""
+    names = ["Conv1", "bn_Conv1"]
+    for block_id in range(NUM_BLOCKS):
+        # Block 0 has no expand layer (its expansion factor is 1).
+        members = ("depthwise", "project") if block_id == 0 else ("expand", "depthwise", "project")
+        for member in members:
+            names += [
+                block_keras_prefix(block_id) + member,
+                block_keras_prefix(block_id) + member + "_BN",
+            ]
+    return (*names, "Conv_1", "Conv_1_bn")
+
+
+def fine_tune_layer(value: str) -> str:
+    """--fine-tune-from as the Keras layer it names: a layer name, or a block number (its first layer)."""
+    names = backbone_layer_names()
+    if value.isdigit() and int(value) < NUM_BLOCKS:
+        block_id = int(value)
+        return block_keras_prefix(block_id) + ("depthwise" if block_id == 0 else "expand")
+    if value in names:
+        return value
+    raise ConfigError(
+        f"--fine-tune-from {value!r} is neither a block number 0..{NUM_BLOCKS - 1} nor a layer of "
+        f"MobileNetV2 (e.g. block_13_expand, block_16_project_BN, Conv_1; {len(names)} in all)"
+    )
 
 
 def _option(default: Any, group: str, help: str, **flag: Any) -> Any:
@@ -76,6 +120,14 @@ class TrainConfig:
         "resize in tf.data (host) or inside the jitted step (device); auto: device on GPU/TPU, "
         "host on CPU",
         choices=RESIZE_MODES,
+    )
+    model: str = _option(
+        "pipeline",
+        "model",
+        "pipeline: RGB [-1, 1] images, frozen MobileNetV2, pooling, Dense; notebook: the Keras "
+        "notebook's model, 28x28 digits in [0, 1] upsampled by a trainable "
+        "UpSampling2D + Conv2D(3, relu) adapter (--image-size a multiple of 28; no feature cache)",
+        choices=MODELS,
     )
     alpha: float = _option(1.0, "model", "MobileNetV2 width multiplier")
     weights: str = _option(
@@ -116,6 +168,25 @@ class TrainConfig:
     cache_budget_mb: int = _option(
         2048, "training", "most memory (MB) cached features may take with --cache-features auto"
     )
+    fine_tune_epochs: int = _option(
+        0,
+        "fine-tuning",
+        "epochs of a second stage after --epochs that also trains the top of the backbone "
+        "(from --fine-tune-from on; BatchNorm keeps its running statistics)",
+    )
+    fine_tune_from: str = _option(
+        "13",
+        "fine-tuning",
+        "the first layer that trains in the second stage: a block number (its first layer) or a "
+        "Keras layer name such as block_13_expand or Conv_1; every layer after it trains too",
+        metavar="LAYER",
+    )
+    fine_tune_learning_rate: float = _option(
+        1e-4,
+        "fine-tuning",
+        "Adam's (peak) learning rate in the second stage, for the fine-tuned layers and the head "
+        "alike, following --lr-schedule (and --warmup-epochs) over --fine-tune-epochs",
+    )
     quiet: bool = _option(
         False, "output", "no progress bars, one line per epoch", action="store_true"
     )
@@ -154,11 +225,44 @@ class TrainConfig:
                 f"got {self.warmup_epochs}",
             ),
             (
+                self.fine_tune_epochs >= 0,
+                f"--fine-tune-epochs must be at least 0, got {self.fine_tune_epochs}",
+            ),
+            (
+                math.isfinite(self.fine_tune_learning_rate) and self.fine_tune_learning_rate > 0,
+                f"--fine-tune-learning-rate must be a positive number, got "
+                f"{self.fine_tune_learning_rate}",
+            ),
+            (
+                self.lr_schedule != "warmup-cosine"
+                or self.fine_tune_epochs == 0
+                or self.warmup_epochs < self.fine_tune_epochs,
+                f"--warmup-epochs {self.warmup_epochs} also warms the fine-tuning stage up, so it "
+                f"must be fewer than --fine-tune-epochs {self.fine_tune_epochs}",
+            ),
+            (
+                self.model != "notebook" or self.image_size % DIGIT_SIZE == 0,
+                f"--model notebook upsamples the {DIGIT_SIZE}x{DIGIT_SIZE} digits by a whole "
+                f"factor (UpSampling2D): --image-size must be a multiple of {DIGIT_SIZE} (224 is "
+                f"the notebook's 8x), got {self.image_size}",
+            ),
+            (
+                self.model != "notebook" or self.resize == "auto",
+                f"--resize {self.resize} applies to --model pipeline; the notebook model takes "
+                "28x28 digits in [0, 1] and upsamples them inside its step (leave --resize auto)",
+            ),
+            (
+                self.model != "notebook" or self.cache_features != "always",
+                "--cache-features always cannot be used with --model notebook: its adapter "
+                "trains in front of the backbone, so the backbone's features change with every "
+                "step and no cache of them is exact; use --cache-features auto or never",
+            ),
+            (
                 self.cache_budget_mb >= 0,
                 f"--cache-budget-mb must be at least 0, got {self.cache_budget_mb}",
             ),
         ]
-        for name in ("dtype", "depthwise", "resize", "cache_features", "lr_schedule"):
+        for name in ("model", "dtype", "depthwise", "resize", "cache_features", "lr_schedule"):
             choices = fields()[name].metadata["choices"]
             value = getattr(self, name)
             checks.append(
@@ -170,6 +274,7 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        fine_tune_layer(self.fine_tune_from)
         needed, available = self.batch_bytes(), physical_memory_bytes()
         if available and needed > available:
             raise ConfigError(
@@ -182,6 +287,15 @@ class TrainConfig:
     def batch_bytes(self) -> int:
         """About the most memory one batch takes at its widest point in the backbone."""
         return self.batch_size * self.image_size**2 * _BYTES_PER_PIXEL
+
+    @property
+    def total_epochs(self) -> int:
+        """Both stages' epochs: the run's last epoch number."""
+        return self.epochs + self.fine_tune_epochs
+
+    def stage(self, epoch: int) -> str:
+        """The stage (`STAGES`) epoch `epoch` (1-based) belongs to."""
+        return STAGES[0] if epoch <= self.epochs else STAGES[1]
 
     def resolved_workdir(self) -> pathlib.Path:
         return pathlib.Path(self.workdir or os.path.join("runs", self.dataset))

@@ -1,8 +1,9 @@
-"""Evaluation of a saved run: restore a checkpoint, measure it on a split, draw what it got wrong.
+"""Evaluation of a saved run or a converted classifier: measure it on a split, draw what it got wrong.
 
-`evaluate` rebuilds the run's model from the config its checkpoint recorded, restores the trained
-head, runs the test split through the same `StepRunner` eval step as training, and writes
-confusion.png and misclassified.png into the workdir.
+`evaluate` rebuilds the run's model from the config its checkpoint recorded and restores the trained
+head; `evaluate_classifier` builds a whole classifier that `mnist-flax convert --keras-model` wrote
+(a trained Keras model) from its directory. Both run the test split through the same `StepRunner`
+eval step as training (`_measure`), and write confusion.png and misclassified.png into the workdir.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ import pathlib
 import numpy as np
 from flax import nnx
 
-from mnist_flax import checkpoints, input_pipeline, plotting, runtime
+from mnist_flax import checkpoints, convert, input_pipeline, plotting, runtime
 from mnist_flax.config import EVALUATE_CHECKPOINTS, ConfigError, TrainConfig
-from mnist_flax.model import create_model, resolve_resize, trainable_filter
+from mnist_flax.model import TransferClassifier, create_model, resolve_resize, trainable_filter
 from mnist_flax.steps import StepRunner, make_metrics
 
 
@@ -82,13 +83,72 @@ def evaluate(
     finally:
         store.close()
 
+    measured = _measure(model, config, split, workdir, f"{chosen}, epoch {epoch}")
+    return {"epoch": epoch, "checkpoint": checkpoint, "chosen": chosen, **measured}
+
+
+def evaluate_classifier(
+    weights: str | os.PathLike,
+    workdir: str | os.PathLike,
+    *,
+    dataset: str = TrainConfig.dataset,
+    data_dir: str | os.PathLike | None = None,
+    test_split: str = TrainConfig.test_split,
+    batch_size: int = TrainConfig.batch_size,
+) -> dict:
+    """Evaluates the whole classifier in `weights` (`mnist-flax convert --keras-model`) on a split.
+
+    Its kind (pipeline or notebook), alpha, image size and classes come from the directory's
+    config.json. Prints the test accuracy and writes confusion.png and misclassified.png into
+    `workdir`. Returns {"test_split", "test_loss", "test_accuracy", "num_examples", "confusion"}.
+    """
+    if not convert.is_converted_classifier(weights):
+        raise convert.WeightsError(
+            f"{weights} holds no converted classifier (a config.json of kind "
+            f"{convert.CLASSIFIER_KIND!r}); write one with `mnist-flax convert --keras-model FILE "
+            "--out DIR` (a run's workdir is evaluated with --workdir alone)"
+        )
+    saved = convert.classifier_config(weights)
+    config = TrainConfig(
+        dataset=dataset,
+        data_dir=None if data_dir is None else str(data_dir),
+        test_split=test_split,
+        model=saved["model"],
+        alpha=saved["alpha"],
+        image_size=saved["image_size"],
+        weights=str(weights),
+        batch_size=batch_size,
+    )
+    config.validate()
+    split = input_pipeline.load_split(config.dataset, config.test_split, data_dir=config.data_dir)
+    if split.num_classes != saved["num_classes"]:
+        raise checkpoints.CheckpointMismatchError(
+            f"--test-split {config.test_split} of {config.dataset} has {split.num_classes} "
+            f"classes but the classifier in {weights} has {saved['num_classes']}"
+        )
+    runtime.enable_compilation_cache(config.compilation_cache)
+    model = create_model(config, saved["num_classes"])  # every parameter from the directory
+    return _measure(
+        model, config, split, pathlib.Path(workdir), f"the {config.model} classifier in {weights}"
+    )
+
+
+def _measure(
+    model: TransferClassifier,
+    config: TrainConfig,
+    split: input_pipeline.Split,
+    workdir: pathlib.Path,
+    measured: str,
+) -> dict:
+    """Runs `split` through the eval step; prints the accuracy, saying it `measured` what; draws the figures."""
+    num_classes = model.head.out_features
     runner = StepRunner(model, None, make_metrics())
     batches = input_pipeline.make_batches(
         split,
         batch_size=config.batch_size,
         image_size=config.image_size,
         shuffle_seed=None,
-        resize=resolve_resize(config.resize),
+        resize=resolve_resize(config.resize, config.model),
     )
     confusion = np.zeros((num_classes, num_classes), np.int64)
     wrong_images, wrong_predicted, wrong_true = [], [], []
@@ -96,6 +156,10 @@ def evaluate(
         predicted = np.asarray(runner.eval(batch))
         real = batch["mask"]
         true, predicted, images = batch["label"][real], predicted[real], batch["image"][real]
+        if config.model == "notebook":
+            # The notebook model's [0, 1] digits, as the uint8 digits they were (the plot reads
+            # float images as the pipeline's [-1, 1]).
+            images = np.round(images * 255.0).astype(np.uint8)
         np.add.at(confusion, (true, predicted), 1)
         for index in np.flatnonzero(true != predicted)[
             : plotting.MISCLASSIFIED_SHOWN - len(wrong_images)
@@ -105,9 +169,6 @@ def evaluate(
             wrong_true.append(int(true[index]))
     computed = runner.read_metrics()
     result = {
-        "epoch": epoch,
-        "checkpoint": checkpoint,
-        "chosen": chosen,
         "test_split": config.test_split,
         "test_loss": computed["loss"],
         "test_accuracy": computed["accuracy"],
@@ -121,7 +182,7 @@ def evaluate(
     print(
         f"test accuracy {result['test_accuracy']:.2%} "
         f"({int(np.trace(confusion))}/{result['num_examples']}) on {config.dataset} "
-        f"{config.test_split}, {chosen}, epoch {epoch}; wrote "
+        f"{config.test_split}, {measured}; wrote "
         f"{workdir / 'confusion.png'} and {workdir / 'misclassified.png'}"
     )
     return result

@@ -567,12 +567,14 @@ def make_batches(
 
     resize="host": "image" is float32 [B, S, S, 3] in [-1, 1], resized here. resize="device":
     "image" stays uint8 [B, 28, 28, 1] (784 bytes an image instead of 602 KB at 224) and the
-    training step applies the same preprocessing on the accelerator. `batch_size` is this
+    training step applies the same preprocessing on the accelerator. resize="none": "image" is
+    float32 [B, 28, 28, 1] in [0, 1], the Keras notebook's `x / 255.0`, which its model upsamples
+    inside the step. `batch_size` is this
     process's share of the global batch; every process yields the same number of batches.
     Splits whose examples carry no "image" (cached features) are batched as they are, in the same
     shuffled order as their images would be.
     """
-    if resize not in RESIZE_PLACES:
+    if resize not in (*RESIZE_PLACES, "none"):
         raise DataError(f"--resize {resize!r}: choose one of {', '.join(RESIZE_PLACES)}")
     if image_size < 1:
         raise DataError(f"--image-size {image_size} must be >= 1")
@@ -589,6 +591,12 @@ def make_batches(
     if resize == "host" and "image" in split.examples.element_spec:
         batches = batches.map(
             lambda batch: {**batch, "image": preprocess_images(batch["image"], image_size)},
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
+    if resize == "none" and "image" in split.examples.element_spec:
+        batches = batches.map(
+            lambda batch: {**batch, "image": tf.cast(batch["image"], tf.float32) / 255.0},
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=True,
         )

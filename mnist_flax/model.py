@@ -1,23 +1,32 @@
-"""The classifier and what trains: a frozen ImageNet MobileNetV2, average pooling, a Dense head.
+"""The classifiers and what trains in them: a frozen ImageNet MobileNetV2, pooling, a Dense head.
 
 This module owns
-- `TransferClassifier` and `create_model` (the backbone from `config.weights`, the head from
-  `config.seed`), with `preprocess_on_device` for uint8 batches (`--resize device`);
-- what trains: `freeze_labels` names every parameter "frozen" or "trainable" from its path, and
-  `make_optimizer` turns those labels into `optax.multi_transform`, the one place that says what
-  is frozen (`set_to_zero` for the backbone, Adam for the head).
+- `TransferClassifier` and `create_model`: the pipeline model (RGB images in [-1, 1] -> backbone ->
+  average pooling -> Dense) and the Keras notebook's own model (28x28 digits in [0, 1] ->
+  `NotebookAdapter`, i.e. UpSampling2D + Conv2D(3, relu) -> the same backbone and head), with
+  `preprocess_on_device` for uint8 batches (`--resize device`);
+- what trains: `freeze_labels` names every parameter's group from its path ("frozen" backbone,
+  "fine-tuned" backbone layers from `--fine-tune-from` on, "adapter", "head"), and
+  `make_optimizer` turns those labels into one `optax.multi_transform` per stage, the one place
+  that says what trains (`set_to_zero` for frozen groups, Adam for the others);
+- the learning-rate schedules.
 
 Why freezing costs no backward pass through the backbone: `set_to_zero` never reads the gradient
-it is given, so every backbone gradient is dead code, and XLA removes it while compiling. The head
-sits after the backbone, so its own gradient needs only the pooled features. `tests/test_steps.py`
-checks this from the compiled step's cost analysis.
+it is given, so every frozen gradient is dead code, and XLA removes it while compiling. In the
+pipeline model nothing trainable sits before the backbone, so the head's gradient needs only the
+pooled features (the train step costs 1.02x the forward). The notebook model's adapter does sit
+before it: its gradient travels back through the frozen backbone's activations (not its weights),
+about twice the forward. Fine-tuning from layer L adds the backward pass of the layers after L
+only. `tests/test_steps.py` checks these from the compiled steps' cost analysis.
 
-BatchNorm in the backbone always normalises with its running statistics (Keras `training=False`),
-and those statistics are `nnx.BatchStat`s, which the optimizer (`wrt=nnx.Param`) never sees.
+BatchNorm in the backbone always normalises with its running statistics (Keras `training=False`,
+also while fine-tuning, as Keras' guide does), and those statistics are `nnx.BatchStat`s, which
+the optimizer (`wrt=nnx.Param`) never sees; a fine-tuned BatchNorm trains its scale and offset.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -26,27 +35,31 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from mnist_flax.config import TrainConfig
-from mnist_flax.mobilenet_v2 import MobileNetV2
+from mnist_flax.config import DIGIT_SIZE, STAGES, TrainConfig, fine_tune_layer
+from mnist_flax.mobilenet_v2 import MobileNetV2, keras_layer_path
 
+# The parameter groups of `freeze_labels`, each with its own transformation in `make_optimizer`.
 FROZEN = "frozen"
-TRAINABLE = "trainable"
-# Every parameter lives under one of these submodules of TransferClassifier; the label says what
-# the optimizer does with it.
-LABEL_OF_SUBMODULE = {"backbone": FROZEN, "head": TRAINABLE}
+FINE_TUNED = "fine-tuned"
+ADAPTER = "adapter"
+HEAD = "head"
 # `config.dtype` names -> compute dtypes.
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-# Keras' Adam uses epsilon 1e-7 (optax defaults to 1e-8).
+# Keras' Adam: epsilon 1e-7 (optax's default is 1e-8), the usual betas.
 ADAM_EPSILON = 1e-7
+ADAM_BETAS = (0.9, 0.999)
 
 
-def resolve_resize(resize: str) -> str:
+def resolve_resize(resize: str, model: str = "pipeline") -> str:
     """Where the digits are resized: "auto" means "device" on GPU/TPU and "host" on the CPU.
 
-    On an accelerator tf.data's resize on a few host cores would starve the device (uint8 digits
+    The notebook model resizes nothing outside its step ("none": 28x28 digits in [0, 1]). On an
+    accelerator tf.data's resize on a few host cores would starve the device (uint8 digits
     are 784 bytes, a float32 224 px image 602 KB); on the CPU both run on the same cores, and the
     step is faster on tf.data's images (README, "Speed").
     """
+    if model == "notebook":
+        return "none"
     if resize == "auto":
         return "host" if jax.default_backend() == "cpu" else "device"
     return resize
@@ -69,16 +82,57 @@ def preprocess_on_device(images_uint8: jax.Array, image_size: int) -> jax.Array:
     return images / 127.5 - 1.0
 
 
+class NotebookAdapter(nnx.Module):
+    """The notebook's trainable input layers: `UpSampling2D(factor)`, `Conv2D(3, 3, "same", relu)`.
+
+    [B, 28, 28, 1] digits in [0, 1] -> [B, 28 * factor, 28 * factor, 3]: nearest-neighbour
+    upsampling (Keras' default interpolation) and a 3x3 convolution that learns the three channels
+    the frozen backbone reads, with Keras' initialisers (Glorot-uniform kernel, zero bias).
+    """
+
+    def __init__(self, factor: int, *, rngs: nnx.Rngs):
+        self.factor = factor
+        self.conv = nnx.Conv(
+            1,
+            3,
+            kernel_size=(3, 3),
+            padding="SAME",
+            kernel_init=nnx.initializers.glorot_uniform(),
+            rngs=rngs,
+        )
+
+    def __call__(self, digits: jax.Array) -> jax.Array:
+        upsampled = jnp.repeat(jnp.repeat(digits, self.factor, axis=1), self.factor, axis=2)
+        return jax.nn.relu(self.conv(upsampled))
+
+
 class TransferClassifier(nnx.Module):
-    """MobileNetV2 (no top, average pooled) -> Dense(num_classes); returns logits.
+    """[adapter ->] MobileNetV2 (no top, average pooled) -> Dense(num_classes); returns logits.
 
     The Keras tutorial ends in Dense(10, activation="softmax") trained with categorical
     cross-entropy; here the head returns logits and the loss applies the softmax, which is the same
     function computed stably.
+
+    adapter: the notebook model's `NotebookAdapter` (then the input is [B, 28, 28, 1] float32 in
+        [0, 1]), or None for the pipeline model (RGB images in [-1, 1], or uint8 digits resized on
+        the device).
+    fine_tune_from: the Keras layer from which the backbone trains in the fine-tuning stage
+        (`freeze_labels`), or None when the whole backbone stays frozen. The activation entering
+        the unit that holds it (`cut`) is what the fine-tuning stage caches.
     """
 
-    def __init__(self, backbone: MobileNetV2, num_classes: int, *, image_size: int, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        backbone: MobileNetV2,
+        num_classes: int,
+        *,
+        image_size: int,
+        adapter: NotebookAdapter | None = None,
+        fine_tune_from: str | None = None,
+        rngs: nnx.Rngs,
+    ):
         self.backbone = backbone
+        self.adapter = adapter
         # Keras' Dense initialises its kernel with Glorot-uniform and its bias with zeros.
         self.head = nnx.Linear(
             backbone.num_features,
@@ -87,16 +141,36 @@ class TransferClassifier(nnx.Module):
             rngs=rngs,
         )
         self.image_size = image_size
+        self.fine_tune_from = fine_tune_from
+        self.cut = None if fine_tune_from is None else backbone.unit_of_layer(fine_tune_from)
 
     def __call__(self, images: jax.Array) -> jax.Array:
         return self.classify_features(self.features(images))
 
-    def features(self, images: jax.Array) -> jax.Array:
-        """The frozen backbone alone: images -> pooled features [B, num_features] (what gets cached)."""
+    def backbone_input(self, images: jax.Array) -> jax.Array:
+        """What the backbone reads: the adapter's output, or the images (resized if uint8)."""
+        if self.adapter is not None:
+            return self.adapter(images)
         # uint8 batches come from `resize="device"`: 28x28 gray digits, resized here on the device.
         if images.dtype == jnp.uint8:
-            images = preprocess_on_device(images, self.image_size)
-        return self.backbone(images)
+            return preprocess_on_device(images, self.image_size)
+        return images
+
+    def features(self, images: jax.Array) -> jax.Array:
+        """Images -> pooled backbone features [B, num_features] (what the frozen stage caches)."""
+        if self.cut:
+            # The frozen prefix as the CPU path runs a frozen backbone (in chunks), the layers
+            # that fine-tuning trains on the whole batch (`MobileNetV2.suffix`).
+            return self.backbone.suffix(self.cut_activations(images), self.cut)
+        return self.backbone(self.backbone_input(images))
+
+    def cut_activations(self, images: jax.Array) -> jax.Array:
+        """Images -> the activation entering the fine-tuned layers (what fine-tuning caches)."""
+        return self.backbone.prefix(self.backbone_input(images), self.cut)
+
+    def classify_cut_activations(self, activations: jax.Array) -> jax.Array:
+        """The fine-tuned layers and the head, on `cut_activations` (also cached ones)."""
+        return self.classify_features(self.backbone.suffix(activations, self.cut))
 
     def classify_features(self, features: jax.Array) -> jax.Array:
         """The head alone, on pooled backbone features [B, num_features] (also cached ones)."""
@@ -124,27 +198,75 @@ def build_backbone(config: TrainConfig, rngs: nnx.Rngs) -> MobileNetV2:
 
 
 def create_model(config: TrainConfig, num_classes: int) -> TransferClassifier:
-    """The classifier, initialised from `config.seed` (backbone and head draw from separate keys)."""
-    backbone_key, head_key = jax.random.split(jax.random.key(config.seed))
-    backbone = build_backbone(config, nnx.Rngs(params=backbone_key))
-    return TransferClassifier(
-        backbone, num_classes, image_size=config.image_size, rngs=nnx.Rngs(params=head_key)
-    )
+    """The classifier `config.model` names, initialised from `config.seed`.
+
+    The backbone, the head and the notebook's adapter draw from separate keys (the pipeline
+    model's head draws what it drew before the adapter existed). A `config.weights` directory
+    holding a whole converted classifier (`mnist-flax convert --keras-model`) fills every
+    parameter, trained head and adapter included.
+    """
+    # Imported here: the converter pulls in h5py (and Orbax for converted directories).
+    from mnist_flax import convert
+
+    classifier_dir = convert.is_converted_classifier(config.weights)
+
+    def build() -> TransferClassifier:
+        key = jax.random.key(config.seed)
+        backbone_key, head_key = jax.random.split(key)
+        backbone_config = dataclasses.replace(config, weights="none") if classifier_dir else config
+        backbone = build_backbone(backbone_config, nnx.Rngs(params=backbone_key))
+        adapter = None
+        if config.model == "notebook":
+            adapter = NotebookAdapter(
+                config.image_size // DIGIT_SIZE, rngs=nnx.Rngs(params=jax.random.fold_in(key, 2))
+            )
+        fine_tune_from = fine_tune_layer(config.fine_tune_from) if config.fine_tune_epochs else None
+        return TransferClassifier(
+            backbone,
+            num_classes,
+            image_size=config.image_size,
+            adapter=adapter,
+            fine_tune_from=fine_tune_from,
+            rngs=nnx.Rngs(params=head_key),
+        )
+
+    if classifier_dir:
+        # Shapes only: every array comes from the directory, nothing is drawn to be overwritten.
+        model = nnx.eval_shape(build)
+        convert.restore_classifier(config.weights, model)
+        return model
+    return build()
 
 
 def freeze_labels(model: TransferClassifier) -> nnx.State:
-    """A tree like `nnx.state(model, nnx.Param)` holding "frozen" or "trainable" for each parameter.
+    """A tree like `nnx.state(model, nnx.Param)` holding each parameter's group.
 
-    The label comes from the parameter's path (its first component is the submodule); a parameter
-    outside the known submodules is an error rather than silently trained or frozen.
+    The group comes from the parameter's path: the adapter's and the head's are their own groups;
+    a backbone parameter is "fine-tuned" when its Keras layer is `model.fine_tune_from` or comes
+    after it, else "frozen". A parameter outside the known submodules is an error rather than
+    silently trained or frozen, and so is a fine-tuned layer that matched no parameter.
     """
-    params = nnx.state(model, nnx.Param)
-    labels = nnx.map_state(lambda path, _: LABEL_OF_SUBMODULE.get(path[0]), params)
-    unlabelled = [
-        "/".join(map(str, path)) for path, label in nnx.to_flat_state(labels) if label is None
-    ]
+    names = list(model.backbone.keras_layers())
+    fine_tuned_layers = (
+        set() if model.fine_tune_from is None else set(names[names.index(model.fine_tune_from) :])
+    )
+    fine_tuned_paths = {keras_layer_path(name) for name in fine_tuned_layers}
+
+    def label(path, _):
+        if path[0] == "backbone":
+            return FINE_TUNED if tuple(path[1:-1]) in fine_tuned_paths else FROZEN
+        return {"adapter": ADAPTER, "head": HEAD}.get(path[0])
+
+    labels = nnx.map_state(label, nnx.state(model, nnx.Param))
+    flat = nnx.to_flat_state(labels)
+    unlabelled = ["/".join(map(str, path)) for path, group in flat if group is None]
     if unlabelled:
         raise AssertionError(f"parameters without a freeze label: {', '.join(unlabelled)}")
+    unvisited = fine_tuned_paths - {
+        tuple(path[1:-1]) for path, group in flat if group == FINE_TUNED
+    }
+    if unvisited:
+        raise AssertionError(f"fine-tuned layers without parameters: {sorted(unvisited)}")
     return labels
 
 
@@ -170,20 +292,55 @@ def learning_rate_schedule(
     raise ValueError(f"unknown learning-rate schedule {name!r}")
 
 
+def keras_adam(learning_rate: float | optax.Schedule) -> optax.GradientTransformation:
+    """Adam exactly as Keras computes it; the same state as `optax.adam` (`ScaleByAdamState`).
+
+    Keras adds epsilon to the square root of the uncorrected second moment,
+    `lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)`, where optax adds it after the bias
+    correction. The two differ by an effective epsilon of eps / sqrt(1 - b2^t) (3.2e-6 at the first
+    step), enough to move parameters with tiny gradients differently: after 5 steps the loss would
+    differ from Keras' `train_on_batch` by 4.6e-4 (tests/test_classifier_convert.py).
+    """
+    b1, b2 = ADAM_BETAS
+
+    def update(updates, state, params=None):
+        del params
+        mu = optax.tree.update_moment(updates, state.mu, b1, 1)
+        nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
+        count = optax.safe_increment(state.count)
+        correction = jnp.sqrt(1 - b2**count) / (1 - b1**count)
+        updates = jax.tree.map(lambda m, v: correction * m / (jnp.sqrt(v) + ADAM_EPSILON), mu, nu)
+        return updates, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+    moments = optax.GradientTransformation(optax.scale_by_adam(b1, b2).init, update)
+    return optax.chain(moments, optax.scale_by_learning_rate(learning_rate))
+
+
 def make_optimizer(
-    model: TransferClassifier, learning_rate: float | optax.Schedule
+    model: TransferClassifier, learning_rate: float | optax.Schedule, *, stage: str = STAGES[0]
 ) -> nnx.Optimizer:
-    """Adam on the trainable parameters, a zero update for the frozen ones, split by `freeze_labels`."""
-    tx = optax.multi_transform(
-        {FROZEN: optax.set_to_zero(), TRAINABLE: optax.adam(learning_rate, eps=ADAM_EPSILON)},
-        freeze_labels(model),
+    """The optimizer of one stage (`config.STAGES`), one `optax.multi_transform` over `freeze_labels`.
+
+    Frozen stage: Adam (`keras_adam`) on the adapter and the head, a zero update for the whole
+    backbone. Fine-tune stage: Adam also on the fine-tuned layers; like Keras' guide (which
+    recompiles the model with a new Adam) it is a new optimizer, its moments and step count
+    starting from zero, and the head trains at the same (small) rate.
+    """
+    adam = keras_adam(learning_rate)
+    transforms = {
+        FROZEN: optax.set_to_zero(),
+        FINE_TUNED: adam if stage == STAGES[1] else optax.set_to_zero(),
+        ADAPTER: adam,
+        HEAD: adam,
+    }
+    return nnx.Optimizer(
+        model, optax.multi_transform(transforms, freeze_labels(model)), wrt=nnx.Param
     )
-    return nnx.Optimizer(model, tx, wrt=nnx.Param)
 
 
 def trainable_filter(model: TransferClassifier) -> Callable[[tuple, Any], bool]:
-    """An NNX filter selecting the parameters `freeze_labels` calls trainable (what checkpoints keep)."""
+    """An NNX filter selecting every parameter that some stage trains (what checkpoints keep)."""
     trainable_paths = {
-        path for path, label in nnx.to_flat_state(freeze_labels(model)) if label == TRAINABLE
+        path for path, group in nnx.to_flat_state(freeze_labels(model)) if group != FROZEN
     }
     return lambda path, _: tuple(path) in trainable_paths

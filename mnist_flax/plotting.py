@@ -51,7 +51,8 @@ def plot_history(history: dict, path: str | os.PathLike) -> pathlib.Path:
     """Accuracy (y from 0 to 1, legend lower right), loss and learning rate per epoch.
 
     Train and test curves as in the tutorial (which passes its test set as `validation_data`),
-    plus the validation split's where the run has one.
+    plus the validation split's where the run has one, and a line where fine-tuning starts in a
+    run with a fine-tuning stage.
     """
     epochs = history["epochs"]
     if not epochs:
@@ -82,6 +83,15 @@ def plot_history(history: dict, path: str | os.PathLike) -> pathlib.Path:
         rate.plot(x, [r["learning_rate"] for r in epochs], "o-", color="gray")
         rate.set_ylabel("Learning rate")
         rate.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    # Where fine-tuning starts, as Keras' transfer-learning guide marks it: after the last epoch
+    # of the frozen stage.
+    frozen = [r["epoch"] for r in epochs if r.get("stage", "frozen") == "frozen"]
+    if len(frozen) < len(epochs):
+        for ax in axes:
+            ax.axvline(
+                max(frozen, default=0), color="green", linestyle="--", label="Start Fine Tuning"
+            )
+        accuracy.legend(loc="lower right")
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("epoch (learning rate: at its last step)" if has_rate else "epoch")
@@ -92,8 +102,9 @@ def plot_history(history: dict, path: str | os.PathLike) -> pathlib.Path:
     if config:
         # A weights path is shortened to its file name so the title fits the figure.
         weights = pathlib.Path(str(config.get("weights", "?"))).name
+        model = "notebook model, " if config.get("model") == "notebook" else ""
         figure.suptitle(
-            f"{config.get('dataset', '?')}: MobileNetV2 alpha {config.get('alpha', '?')}, "
+            f"{config.get('dataset', '?')}: {model}MobileNetV2 alpha {config.get('alpha', '?')}, "
             f"{config.get('image_size', '?')} px, weights {weights}",
             wrap=True,
         )

@@ -1,9 +1,12 @@
 """The steps and how they run: loss, train/eval step, the compiled step runner, device prefetch.
 
 A batch is {"image": [B, S, S, 3] float32 or [B, 28, 28, 1] uint8, "label": int32 [B], "mask":
-bool [B]}; the mask is False on the padding that fills the last batch of an epoch. With cached
-features a batch holds "features" [B, num_features] (the backbone's output, computed once) instead
-of "image", and the same steps compile to the head alone.
+bool [B]}; the mask is False on the padding that fills the last batch of an epoch (the notebook
+model's "image" is [B, 28, 28, 1] float32 in [0, 1]). With cached features a batch holds
+"features" [B, num_features] (the frozen backbone's output, computed once) instead of "image", and
+the same steps compile to the head alone; in the fine-tuning stage it may hold "activations" (the
+frozen layers' output, entering the fine-tuned ones), and the steps compile to the layers that
+train.
 
 The steps are written as plain NNX code that updates the model, optimizer and metrics in place
 (as in Flax's MNIST example). `StepRunner` is the one way they are run, in training, evaluation,
@@ -43,6 +46,8 @@ def per_example_loss(model: TransferClassifier, batch: Batch) -> tuple[jax.Array
     """Softmax cross-entropy of every row of the batch (padding included), and the logits."""
     if "features" in batch:
         logits = model.classify_features(batch["features"])
+    elif "activations" in batch:
+        logits = model.classify_cut_activations(batch["activations"])
     else:
         logits = model(batch["image"])
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
@@ -61,7 +66,8 @@ def train_step(
         return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0), (losses, logits)
 
     (_, (losses, logits)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-    # In place: Adam moves the head's parameters; the backbone's get set_to_zero's zero update.
+    # In place: Adam moves the parameters that train in this stage; the frozen ones get
+    # set_to_zero's zero update.
     optimizer.update(model, grads)
     # In place: adds this batch's losses and hits to the running sums (padding excluded).
     metrics.update(loss=losses, logits=logits, labels=batch["label"], mask=batch["mask"])
@@ -78,8 +84,8 @@ def eval_step(model: TransferClassifier, metrics: nnx.MultiMetric, batch: Batch)
 class StepRunner:
     """The model, optimizer and metrics as device-resident states, and the jitted steps on them.
 
-    What is compiled: one `jax.jit` function per step (train, eval, features, predict, and the
-    metrics' reset and read-out), each traced once per batch shape. What is donated: the states a
+    What is compiled: one `jax.jit` function per step (train, eval, features, cut activations,
+    predict, and the metrics' reset and read-out), each traced once per batch shape. What is donated: the states a
     step replaces (model, optimizer and metrics for `train`, metrics for `eval` and
     `reset_metrics`), so XLA writes the new ones into the old buffers instead of holding two copies.
 
@@ -115,6 +121,7 @@ class StepRunner:
         self._train = jax.jit(self._train_fn, donate_argnums=(0, 1, 2), out_shardings=state)
         self._eval = jax.jit(self._eval_fn, donate_argnums=1, out_shardings=(state, rows))
         self._features = jax.jit(self._features_fn, out_shardings=rows)
+        self._cut_activations = jax.jit(self._cut_activations_fn, out_shardings=rows)
         self._predict = jax.jit(self._predict_fn, out_shardings=rows)
         self._reset = jax.jit(self._reset_fn, donate_argnums=0, out_shardings=state)
         self._compute = jax.jit(self._compute_fn, out_shardings=state)
@@ -136,6 +143,9 @@ class StepRunner:
 
     def _features_fn(self, model_state, images):
         return nnx.merge(self.model_def, model_state).features(images)
+
+    def _cut_activations_fn(self, model_state, images):
+        return nnx.merge(self.model_def, model_state).cut_activations(images)
 
     def _predict_fn(self, model_state, images):
         return jax.nn.softmax(nnx.merge(self.model_def, model_state)(images))
@@ -162,8 +172,12 @@ class StepRunner:
         return predictions
 
     def features(self, images: jax.Array) -> jax.Array:
-        """The frozen backbone's pooled features of a batch of images, split like the batch."""
+        """The backbone's pooled features of a batch of images, split like the batch."""
         return self._features(self.model_state, images)
+
+    def cut_activations(self, images: jax.Array) -> jax.Array:
+        """The frozen layers' output, where fine-tuning starts, of a batch, split like the batch."""
+        return self._cut_activations(self.model_state, images)
 
     def predict(self, images: jax.Array) -> jax.Array:
         """Class probabilities (the tutorial's softmax output), the work of Keras' `predict`."""

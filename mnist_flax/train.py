@@ -1,10 +1,11 @@
 """The epoch loop: `train_and_evaluate` trains a run's epochs and writes what a run leaves behind.
 
 This module owns the order of a run: load the splits, refuse a workdir of another run, build the
-model and optimizer (`model.py`), resume from the latest checkpoint, optionally cache the frozen
-backbone's features, then per epoch a train pass and a test pass through the `StepRunner`
-(`steps.py`), a line of progress, history.json and an Orbax checkpoint (`checkpoints.py`); at the
-end curves.png (`plotting.py`). Ctrl-C stops after the last complete epoch's checkpoint.
+model (`model.py`), resume from the latest checkpoint, then per stage (frozen, then optionally
+fine-tuning) the stage's optimizer, the cache of what its frozen layers compute where that is exact,
+and per epoch a train pass and a test pass through the `StepRunner` (`steps.py`), a line of
+progress, history.json and an Orbax checkpoint (`checkpoints.py`); at the end curves.png
+(`plotting.py`). Ctrl-C stops after the last complete epoch's checkpoint.
 
 Data parallel over every device of every process (`parallel.py`): the batch is split over a 1-D
 mesh and the state replicated, the same code on one device and on a pod slice.
@@ -30,7 +31,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from mnist_flax import checkpoints, input_pipeline, parallel, plotting, runtime
-from mnist_flax.config import TrainConfig
+from mnist_flax.config import STAGES, TrainConfig, fine_tune_layer
 from mnist_flax.model import (
     create_model,
     learning_rate_schedule,
@@ -46,12 +47,16 @@ PROGRESS_REFRESH_SECONDS = 1.0
 
 
 def train_and_evaluate(config: TrainConfig, *, feature_store: dict | None = None) -> dict:
-    """Trains `config.epochs` epochs (resuming the workdir's latest checkpoint); returns the history.
+    """Trains the run's epochs (resuming the workdir's latest checkpoint); returns the history.
+
+    A run has one or two stages (`config.STAGES`): `config.epochs` with the backbone frozen, then
+    `config.fine_tune_epochs` in which its layers from `config.fine_tune_from` on train too, each
+    stage with its own optimizer (`model.make_optimizer`) and learning-rate schedule.
 
     The workdir receives history.json (rewritten after every epoch), Orbax checkpoints of every
     epoch (the last few and the best kept) and curves.png at the end. A workdir that holds another
     run is refused before anything is written. Ctrl-C stops after the last complete epoch's
-    checkpoint; running again resumes from it.
+    checkpoint; running again resumes from it, in either stage.
 
     `config.batch_size` is the global batch, split over every device of every process (it must be
     a multiple of their count). In a multi-process run (after `parallel.initialize_distributed`)
@@ -60,8 +65,8 @@ def train_and_evaluate(config: TrainConfig, *, feature_store: dict | None = None
     plots.
 
     `feature_store`: a dict shared by several runs in one process (`mnist-flax seeds`), where
-    cached backbone features are kept and found again: they depend on the backbone and the data,
-    not on the seed.
+    cached backbone features (and activations) are kept and found again: they depend on the
+    frozen layers and the data, not on the seed.
     """
     config.validate()
     runtime.enable_compilation_cache(config.compilation_cache)
@@ -88,53 +93,83 @@ def train_and_evaluate(config: TrainConfig, *, feature_store: dict | None = None
     run_config = {
         **dataclasses.asdict(config),
         "num_classes": splits["train"].num_classes,
-        "decay_steps": None
-        if config.lr_schedule == "constant"
-        else config.epochs * steps_per_epoch,
+        "decay_steps": _decay_steps(config, config.epochs, steps_per_epoch),
+        # What a fine-tuning stage depends on (None without one).
+        "fine_tune": {
+            "layer": fine_tune_layer(config.fine_tune_from),
+            "start": config.epochs,
+            "learning_rate": config.fine_tune_learning_rate,
+            "decay_steps": _decay_steps(config, config.fine_tune_epochs, steps_per_epoch),
+        }
+        if config.fine_tune_epochs
+        else None,
     }
     # Refuses a mismatched or unwritable workdir before the (slow) model build and any write.
     checkpoints.check_workdir(workdir, run_config)
 
     model = create_model(config, splits["train"].num_classes)
-    schedule = learning_rate_schedule(
-        config.lr_schedule,
-        config.learning_rate,
-        epochs=config.epochs,
-        steps_per_epoch=steps_per_epoch,
-        warmup_epochs=config.warmup_epochs,
-    )
-    optimizer = make_optimizer(model, schedule)
+    # Each stage's learning rate at each of its optimizer steps (Adam's count restarts with the
+    # stage's new optimizer).
+    schedules = {
+        STAGES[0]: learning_rate_schedule(
+            config.lr_schedule,
+            config.learning_rate,
+            epochs=config.epochs,
+            steps_per_epoch=steps_per_epoch,
+            warmup_epochs=config.warmup_epochs,
+        )
+    }
+    if config.fine_tune_epochs:
+        schedules[STAGES[1]] = learning_rate_schedule(
+            config.lr_schedule,
+            config.fine_tune_learning_rate,
+            epochs=config.fine_tune_epochs,
+            steps_per_epoch=steps_per_epoch,
+            warmup_epochs=config.warmup_epochs,
+        )
     # Replicated before restoring: Orbax restores each array with the sharding of its target.
-    for node in (model, optimizer):
-        nnx.update(node, parallel.replicate(nnx.state(node), mesh))
+    nnx.update(model, parallel.replicate(nnx.state(model), mesh))
     history: list[dict] = []
     data_seed = config.seed
     store = checkpoints.RunCheckpoints(workdir, keep_best="validation" in splits)
     try:
-        if store.latest_epoch() is not None:
-            restored = store.restore(
-                store.latest_epoch(),
-                trainable=nnx.state(model, trainable_filter(model)),
-                optimizer=nnx.state(optimizer),
-            )
-            # In place: the head, Adam's moments and the schedule's position (Adam's step count)
-            # continue where the checkpoint left them.
+        latest = store.latest_epoch()
+        if latest is not None:
+            restored = store.restore(latest, trainable=nnx.state(model, trainable_filter(model)))
+            # In place: every parameter some stage trains, as the checkpoint left it.
             nnx.update(model, restored.trainable)
-            nnx.update(optimizer, restored.optimizer)
             history, data_seed = restored.history, restored.data_seed
             _say(
                 f"resuming from the epoch-{restored.epoch} checkpoint in {workdir} "
-                f"({restored.epoch} of {config.epochs} epochs done)"
+                f"({restored.epoch} of {config.total_epochs} epochs done)"
             )
-        runner = StepRunner(model, optimizer, make_metrics(), mesh=mesh)
+
+        def runner_for(stage: str) -> StepRunner:
+            """The stage's optimizer, restored when the latest checkpoint stopped inside the stage."""
+            optimizer = make_optimizer(model, schedules[stage], stage=stage)
+            nnx.update(optimizer, parallel.replicate(nnx.state(optimizer), mesh))
+            done = len(history)
+            if done and config.stage(done) == stage:
+                restored = store.restore(done, optimizer=nnx.state(optimizer))
+                # In place: Adam's moments and the schedule's position (Adam's step count)
+                # continue where the checkpoint left them.
+                nnx.update(optimizer, restored.optimizer)
+            return StepRunner(model, optimizer, make_metrics(), mesh=mesh)
+
+        def learning_rate(epoch: int) -> float:
+            """The rate of the epoch's last step."""
+            stage = config.stage(epoch)
+            steps = (epoch if stage == STAGES[0] else epoch - config.epochs) * steps_per_epoch
+            return float(schedules[stage](steps - 1))
+
         epochs = _EpochLoop(
             config,
             run_config,
-            runner,
+            runner_for,
             store,
             history,
             data_seed,
-            learning_rate=lambda epoch: float(schedule(epoch * steps_per_epoch - 1)),
+            learning_rate=learning_rate,
             feature_store=feature_store,
         )
         epochs.run(splits)
@@ -144,6 +179,11 @@ def train_and_evaluate(config: TrainConfig, *, feature_store: dict | None = None
     if _is_writer():
         plotting.plot_history(history_file, workdir / "curves.png")
     return history_file
+
+
+def _decay_steps(config: TrainConfig, epochs: int, steps_per_epoch: int) -> int | None:
+    """The optimizer steps a stage's learning rate decays over; None for a constant rate."""
+    return None if config.lr_schedule == "constant" else epochs * steps_per_epoch
 
 
 def _warn_about_overlaps(splits: dict[str, input_pipeline.Split]) -> None:
@@ -167,7 +207,7 @@ class _EpochLoop:
 
     config: TrainConfig
     run_config: dict
-    runner: StepRunner
+    runner_for: Callable[[str], StepRunner]  # stage -> the runner of its model and optimizer
     store: checkpoints.RunCheckpoints
     history: list[dict]
     data_seed: int
@@ -177,11 +217,12 @@ class _EpochLoop:
     def __post_init__(self):
         self.stop_requested = False  # set by Ctrl-C (see `_ctrl_c_between_batches`)
         self.workdir = pathlib.Path(self.config.workdir)
-        self.mesh = self.runner.mesh
         self.show_progress = not self.config.quiet and _is_writer()
         # This process's rows of each global batch.
         self.batch_size = parallel.local_batch_size(self.config.batch_size)
-        self.resize = resolve_resize(self.config.resize)
+        self.resize = resolve_resize(self.config.resize, self.config.model)
+        self.runner: StepRunner | None = None  # the current stage's (`run`)
+        self.mesh = None  # the runner's
 
     def batches(self, split: input_pipeline.Split, shuffle_seed: int | None):
         return input_pipeline.make_batches(
@@ -193,41 +234,37 @@ class _EpochLoop:
         )
 
     def run(self, splits: dict[str, input_pipeline.Split]) -> None:
-        """The remaining epochs over `splits` ("train", "test", optionally "validation")."""
+        """The remaining epochs of every stage over `splits` ("train", "test", maybe "validation")."""
         with _ctrl_c_between_batches(self):
-            self._run(splits)
+            config = self.config
+            for stage, last in ((STAGES[0], config.epochs), (STAGES[1], config.total_epochs)):
+                # A finished stage: nothing to train, nothing to cache or say about caching.
+                if len(self.history) < last:
+                    self.runner = self.runner_for(stage)
+                    self.mesh = self.runner.mesh
+                    self.run_stage(stage, last, splits)
+                    # The next stage's runner starts from the parameters this one trained.
+                    self.runner.sync()
 
-    def _run(self, splits: dict[str, input_pipeline.Split]) -> None:
+    def run_stage(self, stage: str, last: int, splits: dict[str, input_pipeline.Split]) -> None:
+        """The stage's epochs up to `last`, on cached inputs where `inputs_for` allows."""
         config = self.config
-        if len(self.history) >= config.epochs:
-            return  # a finished run: nothing to train, nothing to cache or say about caching
-        cache, size = self.should_cache(splits)
-        if cache:
-            start = time.perf_counter()
-            computed = not self.stored(splits)
-            splits = {role: self.cached(split) for role, split in splits.items()}
-            names = ", ".join(split.name for split in splits.values())
-            _say(
-                f"cached the backbone features of {names}: {size} "
-                f"({time.perf_counter() - start:.1f} s)"
-                if computed
-                else f"reusing the backbone features of {names} cached by an earlier run: {size}"
-            )
-        inputs = "cached features" if cache else "images"
+        inputs, splits = self.inputs_for(stage, splits)
         evaluated = [role for role in ("validation", "test") if role in splits]
         epoch = len(self.history)
         try:
-            for epoch in range(len(self.history) + 1, config.epochs + 1):
+            for epoch in range(len(self.history) + 1, last + 1):
                 start = time.perf_counter()
                 shuffle_seed = input_pipeline.epoch_seed(self.data_seed, epoch)
                 train_metrics, images_per_second = self.pass_over(
                     splits["train"],
                     self.runner.train,
                     shuffle_seed,
-                    f"epoch {epoch}/{config.epochs}",
+                    f"epoch {epoch}/{config.total_epochs}",
                 )
                 record = {
                     "epoch": epoch,
+                    "stage": stage,
                     "learning_rate": self.learning_rate(epoch),
                     "train_loss": train_metrics["loss"],
                     "train_accuracy": train_metrics["accuracy"],
@@ -238,7 +275,7 @@ class _EpochLoop:
                     record[f"{role}_accuracy"] = metrics["accuracy"]
                 record["seconds"] = time.perf_counter() - start
                 self.save(epoch, record)
-                _say(_summary_line(record, config.epochs, images_per_second, inputs))
+                _say(_summary_line(record, config.total_epochs, images_per_second, inputs))
                 self.stop_if_requested()
         except KeyboardInterrupt:
             _say(
@@ -294,30 +331,69 @@ class _EpochLoop:
             metrics = runner.read_metrics()
         return metrics, examples / (time.perf_counter() - start)
 
-    def should_cache(self, splits: dict[str, input_pipeline.Split]) -> tuple[bool, str]:
-        """Whether the epochs run on cached features (`--cache-features`), and what they take.
+    def inputs_for(
+        self, stage: str, splits: dict[str, input_pipeline.Split]
+    ) -> tuple[str, dict[str, input_pipeline.Split]]:
+        """What the stage's epochs run on ("images", or cached inputs), and the splits holding it.
 
-        Caching is exact here: the backbone is frozen, nothing trainable runs before it, and no
-        augmentation changes an image from one epoch to the next, so every epoch would compute
-        the same features. "auto" caches when they fit `--cache-budget-mb`.
+        Caching is exact where every layer before the cached point is frozen and deterministic
+        (BatchNorm uses running statistics) and no augmentation changes an image from one epoch to
+        the next, so every epoch would compute the same values. The frozen stage caches the
+        backbone's pooled features (the epochs train the head alone); the fine-tuning stage
+        caches the activation entering the fine-tuned layers (the epochs run only those layers
+        and the head). The notebook model's adapter trains in front of the backbone, so nothing
+        after it can be cached. `--cache-features auto` caches when the cache fits
+        `--cache-budget-mb`; "always" whenever it is exact.
         """
-        mode = self.config.cache_features
-        features = self.runner.model.backbone.num_features
-        examples = sum(split.max_process_examples for split in splits.values())
-        megabytes = examples * features * 4 / 2**20  # float32
-        size = f"{examples} x {features} float32, {megabytes:,.0f} MB"
+        model, mode = self.runner.model, self.config.cache_features
+        what = "backbone features" if stage == STAGES[0] else "fine-tuned layers' input"
         if mode == "never":
-            return False, ""
+            return "images", splits
+        if model.adapter is not None:
+            _say(
+                f"not caching the {what}: the notebook model's adapter trains in front of the "
+                "backbone, so they change with every step; the epochs run on images"
+            )
+            return "images", splits
+        if stage == STAGES[1] and model.cut == 0:
+            _say(
+                f"not caching the {what}: fine-tuning from {model.fine_tune_from} trains the "
+                "whole backbone, so no frozen layer comes before it; the epochs run on images"
+            )
+            return "images", splits
+        shape = self.cached_shape(stage, splits["train"])
+        examples = sum(split.max_process_examples for split in splits.values())
+        megabytes = examples * math.prod(shape) * 4 / 2**20  # float32
+        size = f"{examples} x {' x '.join(map(str, shape))} float32, {megabytes:,.0f} MB"
         if mode == "auto" and megabytes > self.config.cache_budget_mb:
             _say(
-                f"not caching the backbone features: {size} is over --cache-budget-mb "
+                f"not caching the {what}: {size} is over --cache-budget-mb "
                 f"{self.config.cache_budget_mb}; the epochs run on images"
             )
-            return False, ""
-        return True, size
+            return "images", splits
+        start = time.perf_counter()
+        computed = not self.stored(stage, splits)
+        splits = {role: self.cached(stage, split) for role, split in splits.items()}
+        names = ", ".join(split.name for split in splits.values())
+        _say(
+            f"cached the {what} of {names}: {size} ({time.perf_counter() - start:.1f} s)"
+            if computed
+            else f"reusing the {what} of {names} cached by an earlier run: {size}"
+        )
+        return ("cached features" if stage == STAGES[0] else "cached activations"), splits
 
-    def store_key(self, split: input_pipeline.Split) -> tuple:
-        """Everything a split's features depend on: the backbone, the preprocessing, the examples."""
+    def cached_shape(self, stage: str, split: input_pipeline.Split) -> tuple[int, ...]:
+        """The shape of one example's cached values in `stage` (from the jitted function's shape)."""
+        spec = self.batches(split, None).element_spec["image"]
+        # A whole global batch: the jitted function splits its rows over the mesh.
+        shape = (self.config.batch_size, *spec.shape[1:])
+        image = jax.ShapeDtypeStruct(shape, spec.dtype.as_numpy_dtype)
+        compute = self.runner.features if stage == STAGES[0] else self.runner.cut_activations
+        return tuple(jax.eval_shape(compute, image).shape[1:])
+
+    def store_key(self, stage: str, split: input_pipeline.Split) -> tuple:
+        """Everything a split's cached values depend on: the frozen layers, the preprocessing, the
+        examples (and, for fine-tuning, where the frozen layers end)."""
         config = self.config
         return (
             split.name,
@@ -325,37 +401,41 @@ class _EpochLoop:
             *(config.weights, config.alpha, config.image_size, config.dtype, config.depthwise),
             self.resize,
             self.batch_size,
+            "features" if stage == STAGES[0] else ("activations", self.runner.model.cut),
         )
 
-    def stored(self, splits: dict[str, input_pipeline.Split]) -> bool:
-        """Whether an earlier run in this process left every split's features in the store."""
+    def stored(self, stage: str, splits: dict[str, input_pipeline.Split]) -> bool:
+        """Whether an earlier run in this process left every split's cached values in the store."""
         return self.feature_store is not None and all(
-            self.store_key(split) in self.feature_store for split in splits.values()
+            self.store_key(stage, split) in self.feature_store for split in splits.values()
         )
 
-    def cached(self, split: input_pipeline.Split) -> input_pipeline.Split:
-        """`split` on cached features: from the feature store when another run computed them."""
+    def cached(self, stage: str, split: input_pipeline.Split) -> input_pipeline.Split:
+        """`split` on cached values: from the feature store when another run computed them."""
         if self.feature_store is None:
-            return self.cache_features(split)
-        key = self.store_key(split)
+            return self.cache(stage, split)
+        key = self.store_key(stage, split)
         if key not in self.feature_store:
-            self.feature_store[key] = self.cache_features(split)
+            self.feature_store[key] = self.cache(stage, split)
         return self.feature_store[key]
 
-    def cache_features(self, split: input_pipeline.Split) -> input_pipeline.Split:
-        """`split` with every image replaced by the frozen backbone's pooled features, computed once.
+    def cache(self, stage: str, split: input_pipeline.Split) -> input_pipeline.Split:
+        """`split` with every image replaced by what the frozen layers make of it, computed once.
 
-        The backbone is frozen and deterministic (BatchNorm uses running statistics), so its
-        features are the same every epoch; computing them once leaves the epochs only the head's
-        work. They are computed by the same jitted backbone as the end-to-end step, in the split's
-        own order, so the epochs shuffle them exactly as they would shuffle the images.
+        Computed by the same jitted layers as the end-to-end step, in the split's own order, so
+        the epochs shuffle the cached values exactly as they would shuffle the images.
         """
-        features, labels = [], []
+        name, compute = (
+            ("features", self.runner.features)
+            if stage == STAGES[0]
+            else ("activations", self.runner.cut_activations)
+        )
+        values, labels = [], []
         batches = self.batches(split, shuffle_seed=None).as_numpy_iterator()
         num_steps = math.ceil(split.max_process_examples / self.batch_size)
         with tqdm(
             total=num_steps,
-            desc=f"caching {split.name} features",
+            desc=f"caching {split.name} {name}",
             unit="step",
             leave=False,
             disable=not self.show_progress,
@@ -364,14 +444,14 @@ class _EpochLoop:
             for host, device in prefetch_to_device(batches, place=place):
                 real = host["mask"]
                 # Each row comes back from the device (so the process) that holds its image.
-                rows = parallel.local_rows(self.runner.features(device["image"]), self.mesh)
-                # bfloat16 -> float32 is exact, and the head casts its input to float32 anyway.
-                features.append(rows[real].astype(np.float32))
+                rows = parallel.local_rows(compute(device["image"]), self.mesh)
+                # bfloat16 -> float32 is exact, and the next layer casts back to its dtype.
+                values.append(rows[real].astype(np.float32))
                 labels.append(host["label"][real])
                 bar.update(1)
                 self.stop_if_requested()
         return input_pipeline.with_examples(
-            split, {"features": np.concatenate(features), "label": np.concatenate(labels)}
+            split, {name: np.concatenate(values), "label": np.concatenate(labels)}
         )
 
     def save(self, epoch: int, record: dict) -> None:
@@ -449,8 +529,10 @@ def _summary_line(record: dict, epochs: int, images_per_second: float, inputs: s
         for role in ("validation", "test")
         if f"{role}_loss" in record
     )
+    stage = "  fine-tune" if record["stage"] == STAGES[1] else ""
     return (
-        f"epoch {record['epoch']:>{len(str(epochs))}}/{epochs}  lr {record['learning_rate']:.2e}  "
+        f"epoch {record['epoch']:>{len(str(epochs))}}/{epochs}{stage}  "
+        f"lr {record['learning_rate']:.2e}  "
         f"train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.2%}  {evaluated}"
         f"({record['seconds']:.1f} s, {images_per_second:.0f} img/s on {inputs})"
     )

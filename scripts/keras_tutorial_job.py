@@ -3,7 +3,8 @@
 Builds the tutorial's model (ImageNet MobileNetV2 frozen, GlobalAveragePooling2D, Dense(10,
 softmax), Adam, categorical cross-entropy: `benchmark_subjects.keras_classifier`, the benchmark's
 Keras baseline), feeds it the same tf.data images as this project (`input_pipeline`: RGB, resized,
-in [-1, 1]) and runs `model.fit` with the test split as validation data. Time the whole process,
+in [-1, 1]; with `--model notebook` the notebook's own model on 28x28 digits in [0, 1]) and runs
+`model.fit` with the test split as validation data. Time the whole process,
 imports included, e.g. the README's one-epoch job:
 
     /usr/bin/time -f "%e s" python scripts/keras_tutorial_job.py --weights ../shared/weights/FILE.h5 \\
@@ -19,6 +20,7 @@ import tensorflow as tf
 
 from mnist_flax import input_pipeline
 from mnist_flax.benchmark_subjects import NUM_CLASSES, keras_classifier
+from mnist_flax.config import MODELS
 
 
 def images_and_one_hot(args: argparse.Namespace, split: str) -> tf.data.Dataset:
@@ -29,7 +31,7 @@ def images_and_one_hot(args: argparse.Namespace, split: str) -> tf.data.Dataset:
         batch_size=args.batch_size,
         image_size=args.image_size,
         shuffle_seed=None,
-        resize="host",
+        resize="none" if args.model == "notebook" else "host",
     )
     return batches.map(
         lambda batch: (
@@ -44,6 +46,7 @@ def main() -> None:
     parser.add_argument("--weights", required=True, help="Keras MobileNetV2 H5 weights (no top)")
     parser.add_argument("--data-dir", default=None, help="IDX files (default: tfds)")
     parser.add_argument("--dataset", default="mnist")
+    parser.add_argument("--model", choices=MODELS, default=MODELS[0])
     parser.add_argument("--train-split", default="train")
     parser.add_argument("--test-split", default="test")
     parser.add_argument("--image-size", type=int, default=224)
@@ -52,7 +55,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    model = keras_classifier(1.0, args.image_size, args.weights, args.seed)
+    model = keras_classifier(1.0, args.image_size, args.weights, args.seed, model=args.model)
     train, test = (images_and_one_hot(args, split) for split in (args.train_split, args.test_split))
     began = time.perf_counter()
     history = model.fit(train, epochs=args.epochs, validation_data=test, verbose=0)

@@ -14,11 +14,12 @@ import tensorflow_datasets as tfds
 from flax import nnx
 
 from mnist_flax import model as model_lib
-from mnist_flax.config import MIN_IMAGE_SIZE, TrainConfig
+from mnist_flax.config import DIGIT_SIZE, MIN_IMAGE_SIZE, TrainConfig
 from mnist_flax.mobilenet_v2 import MobileNetV2
 from mnist_flax.model import TransferClassifier, create_model
 
 IMAGE_SIZE = MIN_IMAGE_SIZE  # the side of every tiny model's input
+NOTEBOOK_IMAGE_SIZE = 2 * DIGIT_SIZE  # the tiny notebook model's backbone input (UpSampling2D(2))
 BATCH = 8
 
 
@@ -66,11 +67,33 @@ def without_seconds(history: dict) -> list[dict]:
     return [{k: v for k, v in record.items() if k != "seconds"} for record in history["epochs"]]
 
 
+def assert_same_history(a: dict, b: dict, *, rel: float = 1e-5, abs: float = 1e-6) -> None:
+    """Epoch for epoch the same stage and the same numbers (up to `rel`/`abs`), seconds aside."""
+    assert len(a["epochs"]) == len(b["epochs"])
+    for record_a, record_b in zip(without_seconds(a), without_seconds(b), strict=True):
+        assert record_a.pop("stage") == record_b.pop("stage"), record_a["epoch"]
+        for key, value in record_a.items():
+            assert value == pytest.approx(record_b[key], rel=rel, abs=abs), (record_a, key)
+
+
 def tiny_model(
-    num_classes: int = 4, *, dtype: str = "float32", depthwise: str = "auto"
+    num_classes: int = 4,
+    *,
+    dtype: str = "float32",
+    depthwise: str = "auto",
+    model: str = "pipeline",
+    fine_tune_from: str | None = None,
 ) -> TransferClassifier:
+    """A random alpha-0.35 classifier; `fine_tune_from` gives it a fine-tuned group."""
     config = TrainConfig(
-        image_size=IMAGE_SIZE, alpha=0.35, weights="none", dtype=dtype, depthwise=depthwise
+        image_size=NOTEBOOK_IMAGE_SIZE if model == "notebook" else IMAGE_SIZE,
+        alpha=0.35,
+        weights="none",
+        dtype=dtype,
+        depthwise=depthwise,
+        model=model,
+        fine_tune_epochs=0 if fine_tune_from is None else 1,
+        fine_tune_from=fine_tune_from or TrainConfig.fine_tune_from,
     )
     return create_model(config, num_classes)
 

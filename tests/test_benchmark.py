@@ -18,6 +18,10 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["--image-size", "32", "--steps", "2", "--repeats", "2", "--warmup", "1"]
 TINY += ["--pipeline-batches", "2"]
 OUR_MEASUREMENTS = ("pipeline", "step", "forward", "end-to-end")
+# Trainable parameters: the Dense(10) head on MobileNetV2's 1280 features (any alpha <= 1), and the
+# notebook adapter's Conv2D(3, 3x3) on one channel.
+HEAD_PARAMETERS = 1280 * 10 + 10
+ADAPTER_PARAMETERS = 3 * 3 * 1 * 3 + 3
 
 
 def numbers(tree) -> list[float]:
@@ -78,8 +82,12 @@ def test_the_notebooks_call_measures_everything(tmp_path, capsys):
     assert "synthetic" in saved["data"]
     (row,) = saved["rows"]
     check_our_row(row, timed_steps=2)
+    # The default is the pipeline model: RGB images, only the head trains.
+    assert row["model"] == "pipeline"
+    assert row["input"] == "float32 [32, 32, 3]"
+    assert row["parameters"]["trainable"] == HEAD_PARAMETERS
     assert len(saved["load_average"]["start"]) == 3
-    assert capsys.readouterr().out.count("\nours ") == 1
+    assert capsys.readouterr().out.count("\nours  pipeline ") == 1
 
 
 @pytest.mark.slow
@@ -123,6 +131,11 @@ def test_keras_baseline_with_the_shared_weights(tmp_path, mnist_idx_dir, imagene
         assert_positive_finite(keras[name])
         assert_positive_finite(row[name])
     assert "pipeline" not in row
+    assert keras["model"] == row["model"] == "pipeline"
+    assert keras["input"] == row["input"] == "float32 [32, 32, 3]"
+    assert keras["layers"][0].startswith("mobilenetv2_1.00")
+    assert keras["parameters"] == row["parameters"]
+    assert keras["parameters"]["trainable"] == HEAD_PARAMETERS
     assert_positive_finite(row["ours_over_keras"])
     assert row["ours_over_keras"]["step"] == pytest.approx(
         row["step"]["images_per_second"] / keras["step"]["images_per_second"]
@@ -148,6 +161,61 @@ def test_cache_measurement_times_both_runs(tmp_path):
     assert cache["history_max_abs_difference"] < 1e-4
 
 
+@pytest.mark.slow
+def test_notebook_model_is_timed_on_both_sides(tmp_path, capsys):
+    """--model notebook times the notebook's model, ours and Keras': 28x28 digits in [0, 1] into
+    UpSampling2D(image_size / 28) + Conv2D(3, relu) + the frozen backbone; adapter and head train.
+    """
+    json_file = tmp_path / "bench.json"
+    tiny = [arg if arg != "32" else "56" for arg in TINY]
+    benchmark.main(
+        [
+            *["--model", "notebook", "--batch-size", "2", "--alpha", "0.35", "--weights", "none"],
+            *[*tiny, "--keras-baseline", "--json", str(json_file)],
+        ]
+    )
+    saved = json.loads(json_file.read_text())
+    (row,) = saved["rows"]
+    (keras,) = saved["keras"]
+    check_our_row(row, timed_steps=2 * 2)
+    for name in ("step", "forward"):
+        assert_positive_finite(keras[name])
+    assert row["model"] == keras["model"] == "notebook"
+    assert row["resize"] == keras["resize"] == "none"
+    assert row["input"] == keras["input"] == "float32 [28, 28, 1]"
+    assert keras["layers"][:2] == ["UpSampling2D(2, 2)", "Conv2D(3, 3x3, relu)"]
+    assert keras["layers"][2].startswith("mobilenetv2_0.35_56")
+    assert keras["layers"][3:] == ["GlobalAveragePooling2D", "Dense(10, softmax)"]
+    # Both train the adapter and the head, and hold the same parameters in all.
+    assert keras["parameters"] == row["parameters"]
+    assert row["parameters"]["trainable"] == ADAPTER_PARAMETERS + HEAD_PARAMETERS
+    assert saved["resize_comparisons"] == []
+    out = capsys.readouterr().out
+    table_rows = [line.split()[:3] for line in out.splitlines()]
+    assert table_rows.count(["ours", "notebook", "2"]) == 1
+    assert table_rows.count(["keras", "notebook", "2"]) == 1
+    assert (
+        "\nkeras notebook model, batch 2 56x56: UpSampling2D(2, 2) > Conv2D(3, 3x3, relu) >" in out
+    )
+    assert "\nours / keras, notebook model, batch 2 56x56" in out
+
+
+@pytest.mark.parametrize(
+    "flags, error",
+    [
+        (["--measure", "cache"], "--measure cache cannot be used with --model notebook"),
+        (["--resize", "host", "device"], "--resize host device applies to --model pipeline"),
+        (["--image-size", "56", "100"], "--image-size 100: --model notebook upsamples"),
+    ],
+)
+def test_notebook_model_rejects_pipeline_only_measures(flags, error, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(["--model", "notebook", "--weights", "none", *flags])
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith(f"error: {error}")
+
+
 def test_missing_weights_file_is_one_line_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         benchmark.main(["--weights", str(tmp_path / "missing.h5"), *TINY])
@@ -162,4 +230,4 @@ def test_script_is_the_module_command_line(monkeypatch, capsys):
         runpy.run_path(str(REPO / "scripts" / "benchmark.py"), run_name="__main__")
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "--keras-baseline" in out and "--cache-examples" in out
+    assert "--keras-baseline" in out and "--cache-examples" in out and "--model" in out

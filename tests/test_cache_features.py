@@ -10,7 +10,7 @@ import dataclasses
 import json
 
 import pytest
-from helpers import tiny_config, use_he_backbone, without_seconds
+from helpers import assert_same_history, tiny_config, use_he_backbone
 
 from mnist_flax import checkpoints, evaluate, train
 
@@ -18,16 +18,6 @@ from mnist_flax import checkpoints, evaluate, train
 @pytest.fixture(autouse=True)
 def he_backbone_everywhere(he_backbone):
     """Every run here has the He-initialised backbone."""
-
-
-def assert_same_history(a: dict, b: dict, *, rel: float, abs: float) -> None:
-    assert len(a["epochs"]) == len(b["epochs"])
-    for record_a, record_b in zip(without_seconds(a), without_seconds(b), strict=True):
-        for key in record_a:
-            assert record_a[key] == pytest.approx(record_b[key], rel=rel, abs=abs), (
-                record_a["epoch"],
-                key,
-            )
 
 
 @pytest.fixture(scope="module")

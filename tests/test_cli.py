@@ -37,6 +37,22 @@ TINY = ["--image-size", "32", "--alpha", "0.35", "--weights", "none", "--batch-s
             "error: --image-size 100000 with --batch-size 32: one batch needs about",
         ),
         (
+            ["--model", "notebook", "--cache-features", "always"],
+            "error: --cache-features always cannot be used with --model notebook: its adapter",
+        ),
+        (
+            ["--model", "notebook", "--image-size", "96"],
+            "error: --model notebook upsamples the 28x28 digits by a whole factor",
+        ),
+        (
+            ["--fine-tune-epochs", "2", "--fine-tune-from", "block_99_expand"],
+            "error: --fine-tune-from 'block_99_expand' is neither a block number 0..16 nor a layer",
+        ),
+        (
+            ["--fine-tune-learning-rate", "nan"],
+            "error: --fine-tune-learning-rate must be a positive number, got nan",
+        ),
+        (
             ["--epochs", "ten"],
             "error: argument --epochs: invalid int value: 'ten' (see mnist-flax train --help)",
         ),

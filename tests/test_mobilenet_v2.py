@@ -22,6 +22,7 @@ from keras_helpers import (
     random_keras_mobilenet,
 )
 
+from mnist_flax.config import backbone_layer_names
 from mnist_flax.convert import mobilenet_v2_from_keras
 from mnist_flax.mobilenet_v2 import (
     MobileNetV2,
@@ -195,6 +196,24 @@ def test_keras_layer_path_names_every_weighted_layer():
     assert keras_layer_path("block_3_expand_BN") == ("blocks", 3, "expand_BN")
     for not_weighted in ("Conv1_relu", "block_0_expand", "block_2_add", "input_layer", "Conv1_pad"):
         assert keras_layer_path(not_weighted) is None
+
+
+def test_backbone_layer_names_are_the_keras_layers_in_network_order():
+    """`--fine-tune-from` is checked (and "after" is decided) on this list, without building a model."""
+    model = nnx.eval_shape(lambda: MobileNetV2(include_top=False, rngs=nnx.Rngs(0)))
+    assert tuple(model.keras_layers()) == backbone_layer_names()
+    assert [model.unit_of_layer(name) for name in ("Conv1", "expanded_conv_project_BN")] == [0, 1]
+    assert [model.unit_of_layer(name) for name in ("block_13_expand", "Conv_1_bn")] == [14, 18]
+
+
+@pytest.mark.parametrize("cut", [0, 1, 14, 18, 19])
+def test_prefix_then_suffix_is_the_whole_network(cut):
+    """Where fine-tuning cuts the network, the cached prefix and the suffix compose to the model."""
+    model = random_model(alpha=0.35, include_top=False, pooling="avg", depthwise="taps")
+    images = random_images((3, 32, 32, 3))
+    whole = nnx.jit(lambda m, x: m(x))(model, images)
+    split = nnx.jit(lambda m, x: m.suffix(m.prefix(x, cut), cut))(model, images)
+    np.testing.assert_allclose(np.asarray(split), np.asarray(whole), rtol=1e-5, atol=1e-6)
 
 
 def test_keras_rules():

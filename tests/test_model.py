@@ -9,21 +9,70 @@ from flax import nnx
 from helpers import IMAGE_SIZE, he_initialise_backbone, tiny_model
 
 from mnist_flax import model as model_lib
-from mnist_flax.config import LR_SCHEDULES
+from mnist_flax.config import LR_SCHEDULES, STAGES, backbone_layer_names
+from mnist_flax.mobilenet_v2 import keras_layer_path
 
 
-def test_freeze_labels_label_backbone_frozen_and_head_trainable():
-    model = tiny_model()
-    labels = nnx.to_flat_state(model_lib.freeze_labels(model))
-    by_module = {
-        (path[0], label) for path, label in labels
-    }  # every backbone param frozen, every head param trainable
-    assert by_module == {("backbone", model_lib.FROZEN), ("head", model_lib.TRAINABLE)}
-    assert len(labels) == len(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    assert sorted(path for path, label in labels if label == model_lib.TRAINABLE) == [
-        ("head", "bias"),
-        ("head", "kernel"),
-    ]
+def groups_by_layer(model) -> dict[str, set[str]]:
+    """{group: the Keras layer names (or submodules) of the parameters `freeze_labels` put in it}."""
+    keras_name = {keras_layer_path(name): name for name in backbone_layer_names()}
+    groups: dict[str, set[str]] = {}
+    for path, group in nnx.to_flat_state(model_lib.freeze_labels(model)):
+        layer = keras_name[tuple(path[1:-1])] if path[0] == "backbone" else path[0]
+        groups.setdefault(group, set()).add(layer)
+    return groups
+
+
+@pytest.mark.parametrize(
+    "model, fine_tune_from, first_fine_tuned",
+    [
+        ("pipeline", None, None),
+        ("notebook", "16", "block_16_expand"),
+        ("pipeline", "block_13_depthwise", "block_13_depthwise"),
+    ],
+)
+def test_freeze_labels_name_each_parameters_group_by_its_path(
+    model, fine_tune_from, first_fine_tuned
+):
+    classifier = tiny_model(model=model, fine_tune_from=fine_tune_from)
+    groups = groups_by_layer(classifier)
+    layers = backbone_layer_names()
+    cut = len(layers) if first_fine_tuned is None else layers.index(first_fine_tuned)
+    assert groups[model_lib.FROZEN] == set(layers[:cut])
+    assert groups.get(model_lib.FINE_TUNED, set()) == set(layers[cut:])
+    assert groups[model_lib.HEAD] == {"head"}
+    assert groups.get(model_lib.ADAPTER) == ({"adapter"} if model == "notebook" else None)
+    labelled = nnx.to_flat_state(model_lib.freeze_labels(classifier))
+    assert len(labelled) == len(nnx.to_flat_state(nnx.state(classifier, nnx.Param)))
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_each_stage_trains_its_groups_and_leaves_the_rest_unchanged(stage):
+    model = tiny_model(model="notebook", fine_tune_from="16")
+    optimizer = model_lib.make_optimizer(model, 1e-2, stage=stage)
+    before = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    before = {path: np.asarray(variable[...]).copy() for path, variable in before}
+    grads = jax.tree.map(jnp.ones_like, nnx.state(model, nnx.Param))
+    optimizer.update(model, grads)
+    labels = dict(nnx.to_flat_state(model_lib.freeze_labels(model)))
+    trained = {model_lib.ADAPTER, model_lib.HEAD}
+    if stage == STAGES[1]:
+        trained.add(model_lib.FINE_TUNED)
+    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        moved = not np.array_equal(before[path], np.asarray(variable[...]))
+        assert moved == (labels[path] in trained), (stage, path, labels[path])
+
+
+def test_notebook_model_upsamples_digits_through_its_adapter():
+    model = tiny_model(model="notebook")
+    digits = np.random.default_rng(0).uniform(0, 1, (2, 28, 28, 1)).astype(np.float32)
+    adapted = np.asarray(model.adapter(jnp.asarray(digits)))
+    assert adapted.shape == (2, 56, 56, 3) and adapted.min() >= 0.0
+    # Nearest-neighbour: the convolution of the upsampled digit, where each pixel is a 2x2 block.
+    upsampled = np.repeat(np.repeat(digits, 2, axis=1), 2, axis=2)
+    expected = jax.nn.relu(model.adapter.conv(jnp.asarray(upsampled)))
+    np.testing.assert_allclose(adapted, np.asarray(expected), rtol=1e-6, atol=1e-6)
+    assert model(jnp.asarray(digits)).shape == (2, 4)
 
 
 def test_a_parameter_outside_backbone_and_head_is_refused():
@@ -73,7 +122,7 @@ OPTAX_SCHEDULES = {
 
 
 @pytest.mark.parametrize("name", LR_SCHEDULES)
-def test_each_schedule_is_optaxs_and_drives_the_heads_adam(name):
+def test_each_schedule_is_optaxs_and_drives_keras_adam_on_the_head(name):
     schedule = model_lib.learning_rate_schedule(
         name, 3e-3, epochs=4, steps_per_epoch=3, warmup_epochs=1
     )
@@ -81,22 +130,31 @@ def test_each_schedule_is_optaxs_and_drives_the_heads_adam(name):
     assert [float(schedule(step)) for step in range(13)] == [
         float(expected(step)) for step in range(13)
     ]
-    # The optimizer moves the head exactly as optax's Adam with that schedule does.
+    # The optimizer moves the head exactly as Keras' Adam with that schedule does, written out
+    # from Keras' `Adam.update_step`: epsilon is added to sqrt(v) before the bias correction.
     model = tiny_model()
     optimizer = model_lib.make_optimizer(model, schedule)
-    head = nnx.to_pure_dict(nnx.state(model.head, nnx.Param))
-    reference = optax.adam(expected, eps=model_lib.ADAM_EPSILON)
-    reference_state = reference.init(head)
+    head = {
+        key: np.asarray(getattr(model.head, key)[...], np.float64) for key in ("kernel", "bias")
+    }
+    m = {key: np.zeros_like(value) for key, value in head.items()}
+    v = {key: np.zeros_like(value) for key, value in head.items()}
+    b1, b2 = model_lib.ADAM_BETAS
     rng = np.random.default_rng(0)
-    for _ in range(5):
+    for step in range(1, 6):
+        # Gradients from 1e-8 to 1: where Keras' and optax's epsilon placements differ.
         grads = jax.tree.map(
-            lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype),
+            lambda p: jnp.asarray(
+                rng.normal(size=p.shape) * 10 ** rng.uniform(-8, 0, p.shape), p.dtype
+            ),
             nnx.state(model, nnx.Param),
         )
         optimizer.update(model, grads)
-        updates, reference_state = reference.update(
-            nnx.to_pure_dict(grads)["head"], reference_state, head
-        )
-        head = optax.apply_updates(head, updates)
+        rate = float(expected(step - 1)) * np.sqrt(1 - b2**step) / (1 - b1**step)
+        for key in head:
+            g = np.asarray(grads["head"][key][...], np.float64)
+            m[key] += (g - m[key]) * (1 - b1)
+            v[key] += (g * g - v[key]) * (1 - b2)
+            head[key] -= rate * m[key] / (np.sqrt(v[key]) + model_lib.ADAM_EPSILON)
     for key in ("kernel", "bias"):
-        np.testing.assert_allclose(getattr(model.head, key)[...], head[key], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(getattr(model.head, key)[...], head[key], rtol=0, atol=1e-6)

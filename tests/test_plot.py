@@ -6,6 +6,7 @@ import runpy
 import struct
 import sys
 
+import matplotlib.image
 import numpy as np
 import pytest
 
@@ -20,10 +21,12 @@ def png_size(path: pathlib.Path) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])  # IHDR width, height
 
 
-def write_history(path: pathlib.Path, epochs: int = 3) -> None:
+def write_history(path: pathlib.Path, epochs: int = 3, frozen: int | None = None) -> None:
+    """A history of `epochs` epochs, the ones after `frozen` in the fine-tuning stage."""
     records = [
         {
             "epoch": epoch,
+            "stage": "frozen" if frozen is None or epoch <= frozen else "fine-tune",
             "learning_rate": 1e-3 / epoch,
             "train_loss": 1.0 / epoch,
             "train_accuracy": 0.8 + 0.05 * epoch,
@@ -46,6 +49,20 @@ def test_plot_command_writes_an_800x800_png(tmp_path, capsys):
     # A workdir works too, and the default output is its curves.png.
     assert plotting.main([str(tmp_path)]) == 0
     assert png_size(tmp_path / "curves.png") == (800, 800)
+
+
+def test_curves_mark_where_fine_tuning_starts(tmp_path):
+    """The same numbers with and without a fine-tuning stage differ only by the marked start."""
+    pixels = {}
+    for frozen in (None, 2):
+        history = tmp_path / f"history-{frozen}.json"
+        write_history(history, epochs=4, frozen=frozen)
+        image = plotting.plot_history(plotting.load_history(history), tmp_path / f"{frozen}.png")
+        pixels[frozen] = np.asarray(matplotlib.image.imread(image))
+    assert pixels[None].shape == pixels[2].shape
+    # Green (the start line and its legend entry) appears only in the fine-tuned run's figure.
+    green = lambda rgb: (rgb[..., 1] > 0.4) & (rgb[..., 0] < 0.2) & (rgb[..., 2] < 0.2)  # noqa: E731
+    assert not green(pixels[None]).any() and green(pixels[2]).sum() > 100
 
 
 def test_plot_command_reports_a_missing_history(tmp_path, capsys):

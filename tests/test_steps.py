@@ -7,6 +7,8 @@ import pytest
 from flax import nnx
 from helpers import BATCH, he_initialise_backbone, quadrant_batches, tiny_model
 
+from mnist_flax import model as model_lib
+from mnist_flax.config import STAGES
 from mnist_flax.model import make_optimizer
 from mnist_flax.steps import StepRunner, make_metrics
 
@@ -57,6 +59,81 @@ def test_compiled_train_step_does_not_run_the_backbone_backward_pass(depthwise):
 
     # A backward pass through the backbone would make this about 3x.
     assert train_flops <= 1.3 * forward_flops, (train_flops, forward_flops)
+
+
+def train_flops_over_forward(model, stage: str = STAGES[0], forward_flops: list | None = None):
+    """The compiled train step's FLOPs over the compiled forward pass's (XLA's cost analysis).
+
+    `forward_flops`: a one-element list caching the forward's FLOPs for models of one architecture.
+    """
+    # The CPU path's arithmetic ("taps") as one straight graph: the cost analysis counts a lax.map
+    # body once, and counts the "conv" path's depthwise kernel gradient as a dense convolution.
+    model.backbone.depthwise, model.backbone.batch_chunk = "taps", 0
+    steps = StepRunner(model, make_optimizer(model, 1e-3, stage=stage), make_metrics())
+    side = 28 if model.adapter is not None else model.image_size
+    channels = 1 if model.adapter is not None else 3
+    batch = {
+        "image": np.zeros((BATCH, side, side, channels), np.float32),
+        "label": np.zeros(BATCH, np.int32),
+        "mask": np.ones(BATCH, bool),
+    }
+    train_flops = steps.lower_train(batch).compile().cost_analysis()["flops"]
+    if not forward_flops:
+        graphdef, state = nnx.split(model)
+        forward = jax.jit(lambda state, images: nnx.merge(graphdef, state)(images))
+        compiled = forward.lower(state, batch["image"]).compile()
+        forward_flops = [compiled.cost_analysis()["flops"]]
+    return train_flops / forward_flops[0]
+
+
+def test_notebook_train_step_runs_the_backward_pass_through_the_backbones_activations():
+    # Measured 2.44 here (56 px into the backbone) and 2.21 at 224 px, alpha 1, batch 32: the
+    # adapter's gradient needs the backbone's activation gradients, not its weight gradients.
+    ratio = train_flops_over_forward(tiny_model(model="notebook"))
+    assert 1.8 <= ratio <= 3.0, ratio
+
+
+@pytest.mark.slow
+def test_fine_tuning_compiles_more_work_the_earlier_it_starts():
+    """Fine-tuning from block 16, 13, 8: increasing FLOPs, all below training the whole backbone."""
+    forward_flops: list = []
+    ratios = {
+        start: train_flops_over_forward(tiny_model(fine_tune_from=start), STAGES[1], forward_flops)
+        for start in ("16", "13", "8", "Conv1")
+    }
+    # Measured here: 1.50, 1.85, 2.33 and 4.68 (the whole backward pass); at 224 px, alpha 1,
+    # batch 32: 1.26, 1.56, 2.13, 3.57.
+    assert 1.1 < ratios["16"] < ratios["13"] < ratios["8"] < ratios["Conv1"], ratios
+    assert ratios["Conv1"] > 2.5, ratios
+    # The same model in its frozen stage compiles no backward pass through the backbone.
+    assert train_flops_over_forward(tiny_model(fine_tune_from="8"), STAGES[0], forward_flops) < 1.1
+
+
+@pytest.mark.parametrize(
+    "model, fine_tune_from, stage",
+    [("notebook", "16", STAGES[0]), ("pipeline", "13", STAGES[1])],
+)
+def test_training_moves_exactly_what_the_stage_trains(model, fine_tune_from, stage):
+    """Bit-identical after training: every BatchNorm statistic and every parameter the stage
+    does not train (the whole backbone while frozen, the layers before the cut while fine-tuning)."""
+    classifier = tiny_model(model=model, fine_tune_from=fine_tune_from)
+    he_initialise_backbone(classifier)
+    labels = dict(nnx.to_flat_state(model_lib.freeze_labels(classifier)))
+    before = {path: raw_bits(v)[0] for path, v in nnx.to_flat_state(nnx.state(classifier))}
+    steps = StepRunner(classifier, make_optimizer(classifier, 1e-2, stage=stage), make_metrics())
+    for batch in quadrant_batches(3 * BATCH, seed=3):
+        if model == "notebook":  # 28x28 gray digits in [0, 1]
+            batch = {**batch, "image": (batch["image"][:, :28, :28, :1] + 1) / 2}
+        steps.train(batch)
+    steps.sync()
+    trained = {model_lib.ADAPTER, model_lib.HEAD}
+    if stage == STAGES[1]:
+        trained.add(model_lib.FINE_TUNED)
+    after = {path: raw_bits(v)[0] for path, v in nnx.to_flat_state(nnx.state(classifier))}
+    for path, bits in after.items():
+        moved = not np.array_equal(before[path], bits)
+        # BatchStats have no label: the optimizer never sees them.
+        assert moved == (labels.get(path) in trained), (path, labels.get(path))
 
 
 def test_padding_rows_weigh_nothing():

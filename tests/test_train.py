@@ -14,7 +14,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from helpers import tiny_config, use_he_backbone, without_seconds
+from helpers import assert_same_history, tiny_config, use_he_backbone, without_seconds
 
 from mnist_flax import checkpoints, config, evaluate, input_pipeline, train
 
@@ -48,6 +48,7 @@ def test_straight_run_writes_history_checkpoints_and_curves(straight_run):
     for record in on_disk["epochs"]:
         assert set(record) == {
             "epoch",
+            "stage",
             "learning_rate",
             "train_loss",
             "train_accuracy",
@@ -258,9 +259,7 @@ def test_device_resize_trains_like_host_resize(idx_dir, tmp_path, he_backbone):
     host = train.train_and_evaluate(
         dataclasses.replace(config, resize="host", workdir=str(tmp_path / "host"))
     )
-    for a, b in zip(without_seconds(device), without_seconds(host), strict=True):
-        for key in a:
-            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+    assert_same_history(device, host, rel=1e-4, abs=1e-5)
 
 
 def test_each_step_compiles_once_and_a_second_run_loads_them_from_the_cache(
