@@ -145,9 +145,17 @@ class TrainConfig:
         "float32", "model", "backbone compute dtype (parameters stay float32)", choices=DTYPES
     )
     batch_size: int = _option(32, "training", "global batch (a multiple of the device count)")
-    epochs: int = _option(10, "training", "epochs to train (a resumed run continues to this)")
+    epochs: int = _option(
+        10,
+        "training",
+        "epochs with the backbone frozen, before any --fine-tune-epochs (a resumed run continues "
+        "to this)",
+    )
     learning_rate: float = _option(
-        3e-3, "training", "Adam's (peak) learning rate for the head; the tutorial's is 1e-3"
+        3e-3,
+        "training",
+        "Adam's (peak) learning rate for the head (and the notebook model's adapter); the "
+        "tutorial's is 1e-3",
     )
     lr_schedule: str = _option(
         "cosine",
@@ -161,12 +169,13 @@ class TrainConfig:
     cache_features: str = _option(
         "auto",
         "training",
-        "compute the frozen backbone's features once and train the head on them; auto: whenever "
-        "that is exact and they fit --cache-budget-mb",
+        "compute what the frozen layers compute once (the pooled features; while fine-tuning, the "
+        "fine-tuned layers' input) and train on that; auto: whenever that is exact and it fits "
+        "--cache-budget-mb",
         choices=CACHE_FEATURES,
     )
     cache_budget_mb: int = _option(
-        2048, "training", "most memory (MB) cached features may take with --cache-features auto"
+        2048, "training", "most memory (MB) a cache may take with --cache-features auto"
     )
     fine_tune_epochs: int = _option(
         0,
