@@ -43,6 +43,8 @@ FROZEN = "frozen"
 FINE_TUNED = "fine-tuned"
 ADAPTER = "adapter"
 HEAD = "head"
+# The groups each stage's optimizer trains (Adam); the others get `set_to_zero`'s zero update.
+TRAINED_GROUPS = {STAGES[0]: (ADAPTER, HEAD), STAGES[1]: (FINE_TUNED, ADAPTER, HEAD)}
 # `config.dtype` names -> compute dtypes.
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Keras' Adam: epsilon 1e-7 (optax's default is 1e-8), the usual betas.
@@ -328,14 +330,24 @@ def make_optimizer(
     """
     adam = keras_adam(learning_rate)
     transforms = {
-        FROZEN: optax.set_to_zero(),
-        FINE_TUNED: adam if stage == STAGES[1] else optax.set_to_zero(),
-        ADAPTER: adam,
-        HEAD: adam,
+        group: adam if group in TRAINED_GROUPS[stage] else optax.set_to_zero()
+        for group in (FROZEN, FINE_TUNED, ADAPTER, HEAD)
     }
-    return nnx.Optimizer(
+    optimizer = nnx.Optimizer(
         model, optax.multi_transform(transforms, freeze_labels(model)), wrt=nnx.Param
     )
+    optimizer.stage = stage  # static: which parameters the train step differentiates
+    return optimizer
+
+
+def trained_filter(model: TransferClassifier, stage: str) -> Callable[[tuple, Any], bool]:
+    """An NNX filter selecting the parameters `stage` trains (those the step differentiates)."""
+    trained = {
+        path
+        for path, group in nnx.to_flat_state(freeze_labels(model))
+        if group in TRAINED_GROUPS[stage]
+    }
+    return lambda path, _: tuple(path) in trained
 
 
 def trainable_filter(model: TransferClassifier) -> Callable[[tuple, Any], bool]:

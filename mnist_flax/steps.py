@@ -32,7 +32,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from mnist_flax import parallel
-from mnist_flax.model import TransferClassifier
+from mnist_flax.model import TransferClassifier, trained_filter
 
 Batch = dict[str, Any]
 
@@ -65,7 +65,16 @@ def train_step(
         mask = batch["mask"].astype(losses.dtype)
         return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0), (losses, logits)
 
-    (_, (losses, logits)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    # Only what the stage trains is differentiated; the frozen parameters' gradients are zeros
+    # that `set_to_zero` ignores. Asking for every gradient would be exact too (XLA deletes the
+    # unused ones), except inside the CPU path's `lax.map`, whose backward pass (the notebook
+    # model's adapter needs one) would then save and accumulate every frozen kernel's gradient.
+    trained = nnx.DiffState(0, trained_filter(model, optimizer.stage))
+    (_, (losses, logits)), trained_grads = nnx.value_and_grad(
+        loss_fn, argnums=trained, has_aux=True
+    )(model)
+    zeros = jax.tree.map(jnp.zeros_like, nnx.state(model, nnx.Param))
+    grads = nnx.merge_state(zeros, trained_grads)
     # In place: Adam moves the parameters that train in this stage; the frozen ones get
     # set_to_zero's zero update.
     optimizer.update(model, grads)
