@@ -11,9 +11,9 @@ This module owns
   that says what trains (`set_to_zero` for frozen groups, Adam for the others);
 - the learning-rate schedules.
 
-Why freezing costs no backward pass through the backbone: `set_to_zero` never reads the gradient
-it is given, so every frozen gradient is dead code, and XLA removes it while compiling. In the
-pipeline model nothing trainable sits before the backbone, so the head's gradient needs only the
+Why freezing costs no backward pass through the backbone: the train step differentiates only what
+the optimizer's stage trains (`trained_filter`), and `set_to_zero` never reads the zero gradients
+the frozen parameters get. In the pipeline model nothing trainable sits before the backbone, so the head's gradient needs only the
 pooled features (the train step costs 1.02x the forward). The notebook model's adapter does sit
 before it: its gradient travels back through the frozen backbone's activations (not its weights),
 about twice the forward. Fine-tuning from layer L adds the backward pass of the layers after L
