@@ -366,18 +366,39 @@ def save_converted(model: MobileNetV2, out_dir: str | os.PathLike, *, source: st
 
     `source` is recorded in the config for provenance (e.g. the H5 file converted).
     """
-    import orbax.checkpoint as ocp  # heavy imports, only needed here and in load_converted
+    config = ConvertedConfig(
+        alpha=model.alpha, include_top=model.include_top, classes=model.classes, source=source
+    )
+    _write_directory(out_dir, model, dataclasses.asdict(config))
+
+
+def _write_directory(out_dir: str | os.PathLike, model: nnx.Module, config: dict) -> None:
+    """`out_dir/state` (the model's variables, Orbax) and `out_dir/config.json` (what rebuilds it)."""
+    import orbax.checkpoint as ocp  # heavy imports, only needed to write and read these
 
     from mnist_flax import checkpoints
 
     out_dir = pathlib.Path(out_dir).absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = ConvertedConfig(
-        alpha=model.alpha, include_top=model.include_top, classes=model.classes, source=source
-    )
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(out_dir / STATE_DIR, checkpoints.to_saved(nnx.state(model)), force=True)
-    (out_dir / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _read_state(directory: pathlib.Path, target: nnx.State) -> nnx.State:
+    """`target` (concrete or abstract) holding the variables saved in `directory/state`."""
+    import orbax.checkpoint as ocp
+
+    from mnist_flax import checkpoints
+
+    # Restore onto this process's first device: the sharding saved with the arrays names the
+    # device that wrote them, which another process of a multi-process run does not have.
+    on_local_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    with ocp.StandardCheckpointer() as checkpointer:
+        restored = checkpointer.restore(
+            directory / STATE_DIR, checkpoints.saved_target(target, on_local_device)
+        )
+    return checkpoints.into_state(target, restored)
 
 
 def load_converted(
@@ -394,9 +415,6 @@ def load_converted(
     classifier_activation, depthwise, dtype, batch_chunk) are free, they do not change the
     variables.
     """
-    import orbax.checkpoint as ocp
-
-    from mnist_flax import checkpoints
 
     directory = pathlib.Path(directory).absolute()
     config_path = directory / CONFIG_FILE
@@ -424,14 +442,7 @@ def load_converted(
         )
     )
     graphdef, abstract_state = nnx.split(abstract)
-    # Restore onto this process's first device: the sharding saved with the arrays names the
-    # device that wrote them, which another process of a multi-process run does not have.
-    on_local_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    with ocp.StandardCheckpointer() as checkpointer:
-        restored = checkpointer.restore(
-            directory / STATE_DIR, checkpoints.saved_target(abstract_state, on_local_device)
-        )
-    return nnx.merge(graphdef, checkpoints.into_state(abstract_state, restored))
+    return nnx.merge(graphdef, _read_state(directory, abstract_state))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -457,12 +468,6 @@ def save_classifier(
 
     `model_name` is its `--model` ("pipeline" or "notebook").
     """
-    import orbax.checkpoint as ocp
-
-    from mnist_flax import checkpoints
-
-    out_dir = pathlib.Path(out_dir).absolute()
-    out_dir.mkdir(parents=True, exist_ok=True)
     config = {
         "kind": CLASSIFIER_KIND,
         "model": model_name,
@@ -471,9 +476,7 @@ def save_classifier(
         "image_size": model.image_size,
         "source": source,
     }
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(out_dir / STATE_DIR, checkpoints.to_saved(nnx.state(model)), force=True)
-    (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    _write_directory(out_dir, model, config)
 
 
 def classifier_config(directory: str | os.PathLike) -> dict:
@@ -483,9 +486,6 @@ def classifier_config(directory: str | os.PathLike) -> dict:
 
 def restore_classifier(directory: str | os.PathLike, model: Any) -> None:
     """Fills `model` (a `TransferClassifier` of the same kind and shape) with a saved classifier."""
-    import orbax.checkpoint as ocp
-
-    from mnist_flax import checkpoints
 
     directory = pathlib.Path(directory).absolute()
     saved = classifier_config(directory)
@@ -504,14 +504,8 @@ def restore_classifier(directory: str | os.PathLike, model: Any) -> None:
                 f"{directory} holds a classifier with {name} {saved[name]!r}, not {value!r}; "
                 f"pass {flag} {saved[name]} (or other --weights)"
             )
-    state = nnx.state(model)
-    on_local_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    with ocp.StandardCheckpointer() as checkpointer:
-        restored = checkpointer.restore(
-            directory / STATE_DIR, checkpoints.saved_target(state, on_local_device)
-        )
     # In place: every parameter and BatchNorm statistic of the saved classifier.
-    nnx.update(model, checkpoints.into_state(state, restored))
+    nnx.update(model, _read_state(directory, nnx.state(model)))
 
 
 # ----------------------------------------------------------------------------------------------------
