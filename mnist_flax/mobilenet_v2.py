@@ -33,6 +33,7 @@ Two implementations of the convolutions share the same parameters (`depthwise=`)
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 
@@ -129,8 +130,18 @@ def _frozen_bn_affine(bn: nnx.BatchNorm) -> tuple[jax.Array, jax.Array]:
     return scale, shift
 
 
+@jax.custom_jvp
 def _relu6(x: jax.Array) -> jax.Array:
     return jnp.clip(x, 0, 6)
+
+
+@_relu6.defjvp
+def _relu6_jvp(primals, tangents):
+    # TensorFlow's Relu6Grad: the gradient passes where 0 < x < 6. `jnp.clip`'s own derivative
+    # keeps two float32 masks per activation for the backward pass (and halves the gradient at
+    # ties); this keeps one boolean mask, a quarter of one mask's memory traffic.
+    (x,), (t,) = primals, tangents
+    return _relu6(x), jnp.where((x > 0) & (x < 6), t, jnp.zeros_like(t))
 
 
 def _new_bn(features: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
@@ -169,13 +180,7 @@ class Conv2D(nnx.Module):
             # Conv1 (3x3, stride 2, only 3 input channels): 27 broadcast multiply-adds, one per
             # (tap, input channel), which XLA fuses into a single pass writing the output once.
             # An im2col concatenation + matmul is ~3x slower, XLA:CPU's convolution ~8x.
-            x = jnp.pad(x, ((0, 0), *correct_pad(x.shape[1], x.shape[2], kh), (0, 0)))
-            views = _shifted_views(x, kh, kw, self.strides)
-            y = sum(
-                view[..., c : c + 1] * kernel[i, j, c]
-                for (i, j), view in zip(_taps(kh, kw), views, strict=True)
-                for c in range(x.shape[-1])
-            )
+            y = taps_conv(x, kernel, correct_pad(x.shape[1], x.shape[2], kh), self.strides)
         else:
             # The only conv larger than 1x1 is Conv1, stride 2: Keras' "same" padding for it is
             # `correct_pad` (a stride-1 3x3 conv would need ((1, 1), (1, 1)) instead).
@@ -198,9 +203,7 @@ class DepthwiseConv2D(nnx.Module):
         # Keras: padding="same" for stride 1; ZeroPadding2D(correct_pad) + "valid" for stride 2.
         padding = ((1, 1), (1, 1)) if self.strides == 1 else correct_pad(x.shape[1], x.shape[2], 3)
         if impl == "taps":
-            x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-            views = _shifted_views(x, 3, 3, self.strides)
-            y = sum(view * kernel[i, j] for (i, j), view in zip(_taps(3, 3), views, strict=True))
+            y = taps_conv(x, kernel, padding, self.strides)
         else:
             y = _native_conv(x, kernel[:, :, None, :], padding, self.strides, groups=x.shape[-1])
         return y + shift.astype(dtype)
@@ -241,6 +244,96 @@ def _shifted_views(x: jax.Array, kh: int, kw: int, strides: int) -> list[jax.Arr
         )
         for i, j in _taps(kh, kw)
     ]
+
+
+def _tap_terms(view: jax.Array, w: jax.Array) -> list[jax.Array]:
+    """One tap's products: depthwise `w` (C,) scales each channel; dense `w` (Cin, Cout) broadcasts
+    each input channel (Conv1 has only 3) over the output channels."""
+    if w.ndim == 1:
+        return [view * w]
+    return [view[..., c : c + 1] * w[c] for c in range(w.shape[0])]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def taps_conv(
+    x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, int], ...], strides: int
+) -> jax.Array:
+    """A "valid" conv over `x` zero-padded by `padding`, as one multiply-add per tap (the CPU path).
+
+    kernel: depthwise `(kh, kw, C)` or dense `(kh, kw, Cin, Cout)` with a small Cin (Conv1).
+
+    The gradient is written by hand (`_taps_conv_bwd`). Differentiating the forward's strided
+    slices gives one zero-padded, full-size copy of the cotangent per tap, summed: on XLA:CPU
+    that ran 5-18x slower than the forward (block by block at 224 px), and it made the notebook
+    model's train step, whose gradient crosses the whole frozen backbone, 3x slower than Keras'.
+    """
+    xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+    kh, kw = kernel.shape[:2]
+    views = _shifted_views(xp, kh, kw, strides)
+    return sum(
+        term
+        for (i, j), view in zip(_taps(kh, kw), views, strict=True)
+        for term in _tap_terms(view, kernel[i, j])
+    )
+
+
+def _taps_conv_fwd(x, kernel, padding, strides):
+    return taps_conv(x, kernel, padding, strides), (x, kernel)
+
+
+def _taps_conv_bwd(padding, strides, residuals, g):
+    """Input gradient as a stride-1 correlation of the cotangent with the flipped kernel, one per
+    stride phase; kernel gradient as one reduction per tap (dropped by XLA when nothing asks)."""
+    x, kernel = residuals
+    kh, kw = kernel.shape[:2]
+    xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+    views = _shifted_views(xp, kh, kw, strides)
+    if kernel.ndim == 3:
+        dk = [jnp.sum(view * g, axis=(0, 1, 2)) for view in views]
+    else:
+        dk = [jnp.einsum("nhwc,nhwd->cd", view, g) for view in views]
+    dk = jnp.stack(dk).reshape(kernel.shape).astype(kernel.dtype)
+
+    # Padded input row p = s*i + ky receives g[i] * w[ky]. Split p by phase p = s*q + a: the taps
+    # ky = a + s*m reach it from g[q - m], a stride-1 correlation over a zero-padded cotangent.
+    s = strides
+    n, hp, wp, cin = xp.shape
+    qh, qw = -(-hp // s), -(-wp // s)  # rows and columns per phase
+    mh, mw = -(-kh // s), -(-kw // s)  # most taps in one phase, per axis
+    # Depthwise: each tap's product g * w is formed in the fused sum below. Dense (Conv1): every
+    # tap's product g @ w.T from one matrix product, [n, h, w, kh, kw, Cin].
+    products = g if kernel.ndim == 3 else jnp.einsum("nhwd,ijcd->nhwijc", g, kernel)
+    pad = ((0, 0), (mh - 1, qh - g.shape[1]), (mw - 1, qw - g.shape[2]))
+    products = jnp.pad(products, pad + ((0, 0),) * (products.ndim - 3))
+
+    def tap(row_shift: int, column_shift: int, ky: int, kx: int) -> jax.Array:
+        top, left = mh - 1 - row_shift, mw - 1 - column_shift
+        view = products[:, top : top + qh, left : left + qw]
+        return view * kernel[ky, kx] if kernel.ndim == 3 else view[..., ky, kx, :]
+
+    phases = []
+    for a in range(s):
+        row = []
+        for b in range(s):
+            terms = [
+                tap(row_shift, column_shift, ky, kx)
+                for row_shift, ky in enumerate(range(a, kh, s))
+                for column_shift, kx in enumerate(range(b, kw, s))
+            ]
+            row.append(sum(terms) if terms else jnp.zeros((n, qh, qw, cin), g.dtype))
+        phases.append(row)
+    if s == 1:
+        dxp = phases[0][0]
+    else:
+        # Interleave the phases: dxp[:, s*q + a, s*r + b] = phases[a][b][:, q, r].
+        dxp = jnp.stack([jnp.stack(row, axis=3) for row in phases], axis=2)
+        dxp = dxp.reshape(n, qh * s, qw * s, cin)
+    (top, _), (left, _) = padding
+    dx = dxp[:, top : top + x.shape[1], left : left + x.shape[2]]
+    return dx.astype(x.dtype), dk
+
+
+taps_conv.defvjp(_taps_conv_fwd, _taps_conv_bwd)
 
 
 def _native_conv(
@@ -437,12 +530,12 @@ class MobileNetV2(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         self._check_input(x)
-        return self._chunked(lambda x: self._output(self._units(x, 0, NUM_UNITS)), x)
+        return self.in_chunks(lambda x: self._output(self._units(x, 0, NUM_UNITS)), x)
 
     def prefix(self, x: jax.Array, cut: int) -> jax.Array:
         """The activation entering unit `cut` (`NUM_UNITS`): units [0, cut) on images `x`."""
         self._check_input(x)
-        return self._chunked(lambda x: self._units(x, 0, cut), x)
+        return self.in_chunks(lambda x: self._units(x, 0, cut), x)
 
     def suffix(self, x: jax.Array, cut: int) -> jax.Array:
         """The model's output from the activation entering unit `cut`, on the whole batch at once.
@@ -463,11 +556,15 @@ class MobileNetV2(nnx.Module):
             return path[1] + 1
         return 0 if path[0] in ("Conv1", "bn_Conv1") else NUM_UNITS - 1
 
-    def _chunked(self, fn, x: jax.Array) -> jax.Array:
-        chunk = self.batch_chunk
-        if chunk is None:
-            chunk = CPU_BATCH_CHUNK if resolve_depthwise(self.depthwise) == "taps" else 0
-        return _map_in_chunks(fn, x, chunk)
+    def chunk_size(self) -> int:
+        """Images per pass through the network (`batch_chunk` resolved); 0 = the whole batch."""
+        if self.batch_chunk is not None:
+            return self.batch_chunk
+        return CPU_BATCH_CHUNK if resolve_depthwise(self.depthwise) == "taps" else 0
+
+    def in_chunks(self, fn, x: jax.Array) -> jax.Array:
+        """`fn(x)` computed `chunk_size()` images at a time (`_map_in_chunks`)."""
+        return _map_in_chunks(fn, x, self.chunk_size())
 
     def _units(self, x: jax.Array, start: int, stop: int) -> jax.Array:
         impl, dtype = resolve_depthwise(self.depthwise), self.dtype or x.dtype

@@ -36,7 +36,7 @@ import optax
 from flax import nnx
 
 from mnist_flax.config import DIGIT_SIZE, STAGES, TrainConfig, fine_tune_layer
-from mnist_flax.mobilenet_v2 import MobileNetV2, keras_layer_path
+from mnist_flax.mobilenet_v2 import MobileNetV2, keras_layer_path, resolve_depthwise, taps_conv
 
 # The parameter groups of `freeze_labels`, each with its own transformation in `make_optimizer`.
 FROZEN = "frozen"
@@ -103,8 +103,15 @@ class NotebookAdapter(nnx.Module):
             rngs=rngs,
         )
 
-    def __call__(self, digits: jax.Array) -> jax.Array:
+    def __call__(self, digits: jax.Array, depthwise: str = "auto") -> jax.Array:
+        """depthwise: how the backbone computes its convolutions (`MobileNetV2`); the adapter's
+        follows, with the same parameters either way."""
         upsampled = jnp.repeat(jnp.repeat(digits, self.factor, axis=1), self.factor, axis=2)
+        if resolve_depthwise(depthwise) == "taps":
+            # XLA:CPU's convolution with one input channel is slow: at 224 px it took 7 ms an
+            # image, as nine multiply-adds on two images at a time it takes ~0.2 ms.
+            kernel, bias = self.conv.kernel[...], self.conv.bias[...]
+            return jax.nn.relu(taps_conv(upsampled, kernel, ((1, 1), (1, 1)), 1) + bias)
         return jax.nn.relu(self.conv(upsampled))
 
 
@@ -149,10 +156,22 @@ class TransferClassifier(nnx.Module):
     def __call__(self, images: jax.Array) -> jax.Array:
         return self.classify_features(self.features(images))
 
+    @property
+    def gradient_chunk(self) -> int:
+        """Examples per chunk of the train step's gradient (`steps.train_step`); 0 = whole batch.
+
+        The notebook model's gradient crosses the frozen backbone's activations, so on the CPU
+        path it is computed in the backbone's chunks (`MobileNetV2.batch_chunk`) and summed.
+        The pipeline model differentiates only layers after the frozen ones: whole batch.
+        """
+        return self.backbone.chunk_size() if self.adapter is not None else 0
+
     def backbone_input(self, images: jax.Array) -> jax.Array:
         """What the backbone reads: the adapter's output, or the images (resized if uint8)."""
         if self.adapter is not None:
-            return self.adapter(images)
+            # In the backbone's chunks: the upsampled digits stay in cache (`MobileNetV2.in_chunks`).
+            depthwise = self.backbone.depthwise
+            return self.backbone.in_chunks(lambda digits: self.adapter(digits, depthwise), images)
         # uint8 batches come from `resize="device"`: 28x28 gray digits, resized here on the device.
         if images.dtype == jnp.uint8:
             return preprocess_on_device(images, self.image_size)

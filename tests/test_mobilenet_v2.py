@@ -28,9 +28,11 @@ from mnist_flax.mobilenet_v2 import (
     MobileNetV2,
     ModelConfigError,
     _make_divisible,
+    _relu6,
     block_keras_prefix,
     correct_pad,
     keras_layer_path,
+    taps_conv,
 )
 
 # (alpha, input (rows, cols), include_top, pooling, classifier_activation, depthwise)
@@ -168,6 +170,56 @@ def test_depthwise_variants_share_parameters_and_results():
     )
     forward = nnx.jit(lambda m, x: m(x))
     assert_close_to_keras(forward(taps, images), forward(conv, images), "taps vs conv")
+
+
+# (input shape, kernel shape, stride): depthwise (kh, kw, C) and dense (kh, kw, Cin, Cout) kernels,
+# stride 1 and 2, even and odd sides (stride 2 pads like Keras' correct_pad: one or two sides).
+TAPS_CASES = [
+    ((2, 9, 8, 5), (3, 3, 5), 1),
+    ((2, 9, 8, 5), (3, 3, 5), 2),
+    ((1, 10, 11, 4), (3, 3, 4), 2),
+    ((2, 12, 12, 3), (3, 3, 3, 7), 2),
+    ((1, 7, 9, 1), (3, 3, 1, 3), 1),
+]
+
+
+@pytest.mark.parametrize(("shape", "kernel_shape", "stride"), TAPS_CASES)
+def test_taps_convolution_and_its_hand_written_gradient_equal_xlas_convolution(
+    shape, kernel_shape, stride
+):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=kernel_shape), jnp.float32)
+    padding = ((1, 1), (1, 1)) if stride == 1 else correct_pad(shape[1], shape[2], 3)
+    depthwise = kernel.ndim == 3
+
+    def reference(x, kernel):  # XLA's convolution, differentiated by JAX
+        rhs = kernel[:, :, None, :] if depthwise else kernel
+        return jax.lax.conv_general_dilated(
+            x,
+            rhs,
+            (stride, stride),
+            padding,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=shape[-1] if depthwise else 1,
+        )
+
+    ours = lambda x, kernel: taps_conv(x, kernel, padding, stride)  # noqa: E731
+    y, ours_vjp = jax.vjp(ours, x, kernel)
+    y_ref, reference_vjp = jax.vjp(reference, x, kernel)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    cotangent = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+    for name, got, want in zip(
+        ("input", "kernel"), ours_vjp(cotangent), reference_vjp(cotangent), strict=True
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4, err_msg=name)
+
+
+def test_relu6_gradient_is_tensorflows():
+    # Relu6Grad passes the gradient where 0 < x < 6 only (jnp.clip's own would give 0.5 at 0 and 6).
+    x = jnp.array([-1.0, 0.0, 3.0, 6.0, 7.0])
+    np.testing.assert_array_equal(jax.grad(lambda x: _relu6(x).sum())(x), [0, 0, 1, 0, 0])
+    np.testing.assert_array_equal(_relu6(x), [0, 0, 3, 6, 6])
 
 
 def test_bfloat16_compute_keeps_float32_parameters():

@@ -180,6 +180,41 @@ def test_padding_rows_weigh_nothing():
     assert count_a == count_b == 5
 
 
+def test_notebook_gradient_in_chunks_equals_the_whole_batchs():
+    """The CPU path sums the notebook model's gradient over chunks of 2 (`steps._accumulated`):
+    7 rows (three chunks and a remainder), one of them padding, give the whole batch's step."""
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": rng.uniform(0, 1, (7, 28, 28, 1)).astype(np.float32),
+        "label": rng.integers(0, 4, 7).astype(np.int32),
+        "mask": np.arange(7) < 6,
+    }
+    results = []
+    for chunk in (2, 0):
+        model = tiny_model(model="notebook", depthwise="taps")
+        he_initialise_backbone(model)
+        model.backbone.batch_chunk = chunk
+        assert model.gradient_chunk == chunk
+        steps = StepRunner(model, make_optimizer(model, 1e-2), make_metrics())
+        steps.train(batch)
+        metrics = steps.read_metrics()
+        steps.sync()
+        results.append((nnx.state(model, nnx.Param), metrics))
+    (chunked, chunked_metrics), (whole, whole_metrics) = results
+    initial = nnx.state(tiny_model(model="notebook", depthwise="taps"), nnx.Param)
+    moved = jax.tree.map(
+        lambda a, b: not np.array_equal(a, b), chunked["adapter"], initial["adapter"]
+    )
+    assert all(jax.tree.leaves(moved))
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), chunked, whole
+    )
+    assert chunked_metrics["loss"] == pytest.approx(whole_metrics["loss"], rel=1e-5)
+    assert chunked_metrics["accuracy"] == whole_metrics["accuracy"]
+    # The pipeline model differentiates nothing before its frozen backbone: whole batch.
+    assert tiny_model(depthwise="taps").gradient_chunk == 0
+
+
 def test_a_cached_features_batch_takes_the_same_step_without_the_backbone():
     """`--cache-features` batches hold the backbone's output: same update, a fraction of the work."""
     images = jax.device_put(quadrant_batches(BATCH, seed=2)[0])
