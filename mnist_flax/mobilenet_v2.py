@@ -548,7 +548,8 @@ class MobileNetV2(nnx.Module):
         These are the layers that fine-tuning trains. Their activations are small (at most 14x14
         at 224 px from block 11 on), and the backward pass through a `lax.map` over chunks of
         images is slow on the CPU (a train step from block 13 at 96 px: 530 ms chunked, 184 ms
-        whole), so `batch_chunk` applies to the frozen prefix only.
+        whole, measured before `taps_conv` had its own gradient), so `batch_chunk` applies to the
+        frozen prefix only.
         """
         return self._output(self._units(x, cut, NUM_UNITS))
 
