@@ -24,7 +24,6 @@ from typing import Any
 
 import jax
 import numpy as np
-import tensorflow as tf
 
 from mnist_flax import convert, input_pipeline, train
 from mnist_flax.config import DIGIT_SIZE, MODELS, TrainConfig
@@ -298,6 +297,8 @@ class KerasRun:
         model: str = MODELS[0],
     ):
         self.model = keras_classifier(alpha, image_size, weights, seed, model=model)
+        import tensorflow as tf  # here, after Keras: `runtime.import_tensorflow` says why
+
         raw = next(iter(exact_size(split, batch_size).examples.batch(batch_size)))
         if model == "notebook":
             self.images = tf.cast(raw["image"], tf.float32) / 255.0

@@ -39,7 +39,7 @@ import numpy as np
 from flax import nnx
 
 from mnist_flax.config import DIGIT_SIZE, MIN_IMAGE_SIZE
-from mnist_flax.mobilenet_v2 import Conv2D, DepthwiseConv2D, MobileNetV2
+from mnist_flax.mobilenet_v2 import Conv2D, DepthwiseConv2D, InferenceBatchNorm, MobileNetV2
 
 if TYPE_CHECKING:
     from mnist_flax.model import TransferClassifier
@@ -64,7 +64,7 @@ _KERAS_TO_NNX_VARIABLE = {
 _KERAS_VARIABLES = {
     Conv2D: ("kernel",),
     DepthwiseConv2D: ("kernel",),
-    nnx.BatchNorm: ("gamma", "beta", "moving_mean", "moving_variance"),
+    InferenceBatchNorm: ("gamma", "beta", "moving_mean", "moving_variance"),
     nnx.Linear: ("kernel", "bias"),
 }
 
@@ -262,7 +262,7 @@ def _read_keras3_weights_h5(layers: h5py.Group, description: str) -> KerasArrays
     arrays: KerasArrays = {}
     for layer, values in positional.items():
         if layer.startswith(("bn_", "Conv_1_bn")) or layer.endswith("_BN"):
-            names: Iterable[str] = _KERAS_VARIABLES[nnx.BatchNorm]
+            names: Iterable[str] = _KERAS_VARIABLES[InferenceBatchNorm]
         elif layer == "predictions":
             names = _KERAS_VARIABLES[nnx.Linear]
         else:

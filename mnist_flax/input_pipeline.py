@@ -23,10 +23,12 @@ import urllib.parse
 import urllib.request
 
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
 
+from mnist_flax import runtime
 from mnist_flax.config import RESIZE_PLACES
+
+tf = runtime.import_tensorflow()
+import tensorflow_datasets as tfds  # noqa: E402  (after TensorFlow, which it imports)
 
 # TensorFlow is here for tf.data and tfds only. Where the full `tensorflow` package is installed
 # (macOS, aarch64 Linux) it would claim the GPU that JAX uses; hide it, as the Flax examples do.

@@ -17,7 +17,7 @@ Parameters keep Keras' shapes (conv kernels `(kh, kw, in, out)`, depthwise kerne
 dense kernel `(in, out)`), so conversion is a copy with no transposes.
 
 The backbone is frozen in the tutorial this project reproduces, and Keras calls it with `training=False`:
-BatchNorm always normalises with its running statistics (`nnx.BatchNorm(use_running_average=True)`), whatever
+BatchNorm always normalises with its running statistics (`InferenceBatchNorm`), whatever
 `model.train()` / `model.eval()` say. Because those statistics are constants inside one forward pass, each
 BatchNorm is folded into the kernel of the convolution before it (scale the kernel's output channels, add a
 shift), which is exact up to float32 rounding and saves one pass over every activation.
@@ -52,9 +52,9 @@ from mnist_flax.config import (
     block_keras_prefix,
 )
 
-# Keras' MobileNetV2 uses these for every BatchNormalization layer.
+# Keras' MobileNetV2 uses this epsilon for every BatchNormalization layer (its momentum only matters
+# in training mode, which this network never runs).
 BN_EPSILON = 1e-3
-BN_MOMENTUM = 0.999
 
 # (filters, stride, expansion) of the 17 inverted residual blocks, block_id 0..16, as in Keras.
 BLOCK_SPECS: tuple[tuple[int, int, int], ...] = (
@@ -128,13 +128,6 @@ def resolve_depthwise(depthwise: str) -> str:
     return depthwise
 
 
-def _frozen_bn_affine(bn: nnx.BatchNorm) -> tuple[jax.Array, jax.Array]:
-    """Inference BatchNorm as `x * scale + shift`, from the running statistics (like tf.nn.batch_normalization)."""
-    scale = bn.scale[...] * jax.lax.rsqrt(bn.var[...] + bn.epsilon)
-    shift = bn.bias[...] - bn.mean[...] * scale
-    return scale, shift
-
-
 @jax.custom_jvp
 def _relu6(x: jax.Array) -> jax.Array:
     return jnp.clip(x, 0, 6)
@@ -149,14 +142,28 @@ def _relu6_jvp(primals, tangents):
     return _relu6(x), jnp.where((x > 0) & (x < 6), t, jnp.zeros_like(t))
 
 
-def _new_bn(features: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
-    return nnx.BatchNorm(
-        features,
-        use_running_average=True,
-        epsilon=BN_EPSILON,
-        momentum=BN_MOMENTUM,
-        rngs=rngs,
-    )
+class InferenceBatchNorm(nnx.Module):
+    """Keras `BatchNormalization` called with `training=False`, the only way this network calls it.
+
+    The variables are `nnx.BatchNorm`'s (Params `scale`, `bias`; BatchStats `mean`, `var`, with
+    Keras' initial values), so paths, freezing and checkpoints read the same. Nothing here draws a
+    random number: building the network under `nnx.eval_shape` (every converted model) then traces
+    one RNG-stream update per convolution only; `nnx.BatchNorm` adds two per layer, each of which
+    under a trace costs JAX an error message it never shows (`getattr(tracer, "sharding")`), time
+    that grows with the traced program (~0.4 s of a run's start-up, 2-core CPU).
+    """
+
+    def __init__(self, features: int):
+        self.scale = nnx.Param(jnp.ones((features,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((features,), jnp.float32))
+        self.mean = nnx.BatchStat(jnp.zeros((features,), jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones((features,), jnp.float32))
+
+    def affine(self) -> tuple[jax.Array, jax.Array]:
+        """`x * scale + shift` from the running statistics (like tf.nn.batch_normalization)."""
+        scale = self.scale[...] * jax.lax.rsqrt(self.var[...] + BN_EPSILON)
+        shift = self.bias[...] - self.mean[...] * scale
+        return scale, shift
 
 
 class Conv2D(nnx.Module):
@@ -172,8 +179,8 @@ class Conv2D(nnx.Module):
         self.kernel = nnx.Param(nnx.initializers.glorot_uniform()(rngs.params(), shape))
         self.strides = strides
 
-    def __call__(self, x: jax.Array, bn: nnx.BatchNorm, impl: str, dtype) -> jax.Array:
-        scale, shift = _frozen_bn_affine(bn)
+    def __call__(self, x: jax.Array, bn: InferenceBatchNorm, impl: str, dtype) -> jax.Array:
+        scale, shift = bn.affine()
         kernel = (self.kernel[...] * scale).astype(dtype)
         kh, kw = kernel.shape[:2]
         if kh == 1 and kw == 1 and self.strides == 1 and impl == "taps":
@@ -202,8 +209,8 @@ class DepthwiseConv2D(nnx.Module):
         self.kernel = nnx.Param(nnx.initializers.glorot_uniform()(rngs.params(), shape))
         self.strides = strides
 
-    def __call__(self, x: jax.Array, bn: nnx.BatchNorm, impl: str, dtype) -> jax.Array:
-        scale, shift = _frozen_bn_affine(bn)
+    def __call__(self, x: jax.Array, bn: InferenceBatchNorm, impl: str, dtype) -> jax.Array:
+        scale, shift = bn.affine()
         kernel = (self.kernel[...][..., 0] * scale).astype(dtype)  # (3, 3, channels)
         # Keras: padding="same" for stride 1; ZeroPadding2D(correct_pad) + "valid" for stride 2.
         padding = ((1, 1), (1, 1)) if self.strides == 1 else correct_pad(x.shape[1], x.shape[2], 3)
@@ -377,14 +384,14 @@ class InvertedResidual(nnx.Module):
         if block_id:
             hidden = expansion * in_channels
             self.expand = Conv2D(in_channels, hidden, 1, strides=1, rngs=rngs)
-            self.expand_BN = _new_bn(hidden, rngs)
+            self.expand_BN = InferenceBatchNorm(hidden)
         else:
             self.expand = None
             self.expand_BN = None
         self.depthwise = DepthwiseConv2D(hidden, strides=stride, rngs=rngs)
-        self.depthwise_BN = _new_bn(hidden, rngs)
+        self.depthwise_BN = InferenceBatchNorm(hidden)
         self.project = Conv2D(hidden, out_channels, 1, strides=1, rngs=rngs)
-        self.project_BN = _new_bn(out_channels, rngs)
+        self.project_BN = InferenceBatchNorm(out_channels)
         self.out_channels = out_channels
         self.use_residual = stride == 1 and in_channels == out_channels
 
@@ -468,7 +475,7 @@ class MobileNetV2(nnx.Module):
 
         first_filters = _make_divisible(32 * alpha, 8)
         self.Conv1 = Conv2D(3, first_filters, 3, strides=2, rngs=rngs)
-        self.bn_Conv1 = _new_bn(first_filters, rngs)
+        self.bn_Conv1 = InferenceBatchNorm(first_filters)
         blocks = []
         channels = first_filters
         for block_id, (filters, stride, expansion) in enumerate(BLOCK_SPECS):
@@ -486,7 +493,7 @@ class MobileNetV2(nnx.Module):
         self.blocks = nnx.List(blocks)
         self.num_features = last_conv_filters(alpha)
         self.Conv_1 = Conv2D(channels, self.num_features, 1, strides=1, rngs=rngs)
-        self.Conv_1_bn = _new_bn(self.num_features, rngs)
+        self.Conv_1_bn = InferenceBatchNorm(self.num_features)
         if include_top:
             self.predictions = nnx.Linear(
                 self.num_features,

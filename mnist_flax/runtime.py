@@ -7,15 +7,19 @@ stderr even with `TF_CPP_MIN_LOG_LEVEL` set, unless its oneDNN custom operations
 convolution), so they do nothing for it. Orbax's absl warnings (a read-only checkpoint directory
 when evaluating) are held back too. Environment variables a user set are left as they are.
 
+`import_tensorflow` imports TensorFlow without the Keras import its `__init__` makes (below).
+
 `enable_compilation_cache` turns on JAX's persistent compilation cache, so that a second run of the
 same command (or a resumed run) loads its compiled steps instead of compiling them again.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import pathlib
+import sys
 
 # Anything the user set wins (setdefault).
 QUIET_ENVIRONMENT = {"TF_ENABLE_ONEDNN_OPTS": "0", "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -27,6 +31,26 @@ def quiet_libraries() -> None:
         os.environ.setdefault(name, value)
     # Orbax logs through absl's Python logger; its warnings are about its own options.
     logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+def import_tensorflow():
+    """`import tensorflow`, minus the Keras 3 import TensorFlow's `__init__` makes; returns the module.
+
+    TensorFlow imports `keras.src.optimizers` at start-up, whole Keras with it, only so that Keras'
+    optimizers register with SavedModel (b/196254385), and passes on an ImportError. This project
+    uses TensorFlow for tf.data and tfds, which need no Keras; the import cost ~0.7 s of every run's
+    start-up on a 2-core CPU (`python -X importtime -c "import tensorflow"`). `keras` is hidden
+    while TensorFlow loads and nothing else: a later `import keras` (or `tf.keras`) loads it as
+    usual. Where Keras or TensorFlow is loaded already, this is a plain import.
+    """
+    if "tensorflow" in sys.modules or "keras" in sys.modules:
+        return importlib.import_module("tensorflow")
+    sys.modules["keras"] = None  # `import keras` raises ImportError while this is here
+    try:
+        return importlib.import_module("tensorflow")
+    finally:
+        if sys.modules.get("keras", 0) is None:
+            del sys.modules["keras"]
 
 
 def default_compilation_cache_dir() -> pathlib.Path:

@@ -98,6 +98,21 @@ def test_the_config_and_the_help_import_neither_jax_nor_tensorflow():
     assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
+def test_the_training_code_loads_tensorflow_without_keras_and_keras_still_loads_after():
+    """`runtime.import_tensorflow`: a run pays for tf.data, not for TensorFlow's Keras import."""
+    code = (
+        "import sys\n"
+        "import mnist_flax.train\n"
+        "print('tensorflow' in sys.modules, 'keras' in sys.modules)\n"
+        "import keras, tensorflow as tf\n"
+        "print(keras.layers.Dense is tf.keras.layers.Dense)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert result.stdout.split() == ["True", "False", "True"]
+
+
 def test_an_invalid_choice_names_the_flag(capsys):
     assert cli.main(["train", "--dtype", "float16"]) == 2
     err = capsys.readouterr().err
