@@ -150,7 +150,8 @@ class InferenceBatchNorm(nnx.Module):
     random number: building the network under `nnx.eval_shape` (every converted model) then traces
     one RNG-stream update per convolution only; `nnx.BatchNorm` adds two per layer, each of which
     under a trace costs JAX an error message it never shows (`getattr(tracer, "sharding")`), time
-    that grows with the traced program (~0.4 s of a run's start-up, 2-core CPU).
+    that grows with the traced program (`model.create_model` of the notebook model at 224 px took
+    0.97 s with `nnx.BatchNorm`, 0.61 s with this; medians of 3, warm compilation cache, 2-core CPU).
     """
 
     def __init__(self, features: int):
