@@ -40,9 +40,9 @@ def import_tensorflow():
     optimizers register with SavedModel (b/196254385), and passes on an ImportError. This project
     uses TensorFlow for tf.data and tfds, which need no Keras; skipping it takes `import
     mnist_flax.train` from 3.56 to 3.33 s (median of 3, 2-core CPU; `python -X importtime` shows
-    where the rest goes). `keras` is hidden
-    while TensorFlow loads and nothing else: a later `import keras` (or `tf.keras`) loads it as
-    usual. Where Keras or TensorFlow is loaded already, this is a plain import.
+    where the rest goes). `keras` is hidden while TensorFlow loads and nothing else: a later
+    `import keras` (or `tf.keras`) loads it as usual. Where Keras or TensorFlow is loaded already,
+    this is a plain import.
     """
     if "tensorflow" in sys.modules or "keras" in sys.modules:
         return importlib.import_module("tensorflow")
