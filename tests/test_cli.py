@@ -81,6 +81,13 @@ def test_train_flags_are_the_config_fields_with_their_defaults_shown(capsys):
             assert f"(default: {field.default})" in shown, flag
 
 
+def _fresh_python(code: str) -> str:
+    """What `code` prints in a new interpreter, where nothing is imported yet."""
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
+
+
 def test_the_config_and_the_help_import_neither_jax_nor_tensorflow():
     """`mnist-flax train --help` answers before the heavy libraries load."""
     code = (
@@ -92,10 +99,7 @@ def test_the_config_and_the_help_import_neither_jax_nor_tensorflow():
         "    pass\n"
         "print(sorted(m for m in ('jax', 'tensorflow', 'flax') if m in sys.modules))"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
-    )
-    assert result.stdout.strip().splitlines()[-1] == "[]"
+    assert _fresh_python(code).strip().splitlines()[-1] == "[]"
 
 
 def test_the_training_code_loads_tensorflow_without_keras_and_keras_still_loads_after():
@@ -107,10 +111,7 @@ def test_the_training_code_loads_tensorflow_without_keras_and_keras_still_loads_
         "import keras, tensorflow as tf\n"
         "print(keras.layers.Dense is tf.keras.layers.Dense)"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
-    )
-    assert result.stdout.split() == ["True", "False", "True"]
+    assert _fresh_python(code).split() == ["True", "False", "True"]
 
 
 def test_an_invalid_choice_names_the_flag(capsys):
