@@ -177,6 +177,13 @@ class TrainConfig:
     cache_budget_mb: int = _option(
         2048, "training", "most memory (MB) a cache may take with --cache-features auto"
     )
+    feature_cache: str = _option(
+        "auto",
+        "training",
+        "where cached features are kept for the next run on the same data and weights (a rerun, "
+        "a resumed run, another recipe): DIR, none, or auto (~/.cache/mnist_flax/features)",
+        metavar="DIR",
+    )
     fine_tune_epochs: int = _option(
         0,
         "fine-tuning",

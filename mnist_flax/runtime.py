@@ -10,7 +10,8 @@ when evaluating) are held back too. Environment variables a user set are left as
 `import_tensorflow` imports TensorFlow without the Keras import its `__init__` makes (below).
 
 `enable_compilation_cache` turns on JAX's persistent compilation cache, so that a second run of the
-same command (or a resumed run) loads its compiled steps instead of compiling them again.
+same command (or a resumed run) loads its compiled steps instead of compiling them again. It lives
+in the per-user `cache_home()`, beside the cached features `feature_cache.py` keeps there.
 """
 
 from __future__ import annotations
@@ -54,10 +55,11 @@ def import_tensorflow():
             del sys.modules["keras"]
 
 
-def default_compilation_cache_dir() -> pathlib.Path:
-    """The per-user cache: $XDG_CACHE_HOME/mnist_flax/jax, by default ~/.cache/mnist_flax/jax."""
+def cache_home() -> pathlib.Path:
+    """This project's per-user cache: $XDG_CACHE_HOME/mnist_flax, by default ~/.cache/mnist_flax.
+    It holds JAX's compiled steps (jax/) and cached backbone features (features/, `feature_store`)."""
     cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return pathlib.Path(cache_home, "mnist_flax", "jax")
+    return pathlib.Path(cache_home, "mnist_flax")
 
 
 def enable_compilation_cache(setting: str) -> pathlib.Path | None:
@@ -75,7 +77,7 @@ def enable_compilation_cache(setting: str) -> pathlib.Path | None:
         return None
     directory = jax.config.jax_compilation_cache_dir
     if setting != "auto" or not directory:
-        directory = str(default_compilation_cache_dir() if setting == "auto" else setting)
+        directory = str(cache_home() / "jax" if setting == "auto" else setting)
         jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

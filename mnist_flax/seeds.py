@@ -5,7 +5,8 @@ the data order both come from `--seed`). `run_seeds` trains the same configurati
 each in its own workdir (`<workdir>/seed-<n>`, resumable like any run), and reports the final test
 accuracy of each (never a best epoch: nothing is chosen on the test set) with its mean, sample
 standard deviation, min and max. The frozen backbone's cached features depend on the backbone and
-the data, not on the seed, so they are computed once for all seeds.
+the data, not on the seed, so one `FeatureCache` serves every seed: they are computed once (unless
+`--weights none` draws each seed's random backbone from the seed).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import jax
 
 from mnist_flax import train
 from mnist_flax.config import ConfigError, TrainConfig
+from mnist_flax.feature_cache import FeatureCache
 
 
 def run_seeds(
@@ -35,11 +37,11 @@ def run_seeds(
     config.validate()
     base = pathlib.Path(config.workdir or os.path.join("runs", f"{config.dataset}-seeds"))
     writer = jax.process_index() == 0
-    feature_store: dict = {}
+    feature_cache = FeatureCache.for_flag(config.feature_cache)
     finals, workdirs = [], []
     for seed in seeds:
         run = dataclasses.replace(config, seed=seed, workdir=str(base / f"seed-{seed}"))
-        history = train.train_and_evaluate(run, feature_store=feature_store)
+        history = train.train_and_evaluate(run, feature_cache=feature_cache)
         finals.append(history["epochs"][-1]["test_accuracy"])
         workdirs.append(run.workdir)
         if writer:

@@ -32,6 +32,8 @@ from tqdm.auto import tqdm
 
 from mnist_flax import checkpoints, input_pipeline, parallel, plotting, runtime
 from mnist_flax.config import STAGES, TrainConfig, fine_tune_layer
+from mnist_flax.feature_cache import FeatureCache
+from mnist_flax.mobilenet_v2 import NUM_UNITS
 from mnist_flax.model import (
     create_model,
     learning_rate_schedule,
@@ -46,7 +48,7 @@ from mnist_flax.steps import StepRunner, make_metrics, prefetch_to_device
 PROGRESS_REFRESH_SECONDS = 1.0
 
 
-def train_and_evaluate(config: TrainConfig, *, feature_store: dict | None = None) -> dict:
+def train_and_evaluate(config: TrainConfig, *, feature_cache: FeatureCache | None = None) -> dict:
     """Trains the run's epochs (resuming the workdir's latest checkpoint); returns the history.
 
     A run has one or two stages (`config.STAGES`): `config.epochs` with the backbone frozen, then
@@ -64,12 +66,14 @@ def train_and_evaluate(config: TrainConfig, *, feature_store: dict | None = None
     checkpoints (all must see the same workdir), and process 0 alone writes history.json and the
     plots.
 
-    `feature_store`: a dict shared by several runs in one process (`mnist-flax seeds`), where
-    cached backbone features (and activations) are kept and found again: they depend on the
-    frozen layers and the data, not on the seed.
+    `feature_cache`: where cached backbone features (and activations) are kept and found again
+    (`feature_cache.py`: this process's memory and the `--feature-cache` directory); several runs
+    in one process (`mnist-flax seeds`) share one. By default a new one for `--feature-cache`.
     """
     config.validate()
     runtime.enable_compilation_cache(config.compilation_cache)
+    if feature_cache is None:
+        feature_cache = FeatureCache.for_flag(config.feature_cache)
     mesh = parallel.data_mesh()
     parallel.check_batch_size(config.batch_size, mesh)
     workdir = config.resolved_workdir()
@@ -170,7 +174,7 @@ def train_and_evaluate(config: TrainConfig, *, feature_store: dict | None = None
             history,
             data_seed,
             learning_rate=learning_rate,
-            feature_store=feature_store,
+            feature_cache=feature_cache,
         )
         epochs.run(splits)
     finally:
@@ -212,7 +216,7 @@ class _EpochLoop:
     history: list[dict]
     data_seed: int
     learning_rate: Callable[[int], float]  # epoch -> the rate of its last step
-    feature_store: dict | None = None
+    feature_cache: FeatureCache
 
     def __post_init__(self):
         self.stop_requested = False  # set by Ctrl-C (see `_ctrl_c_between_batches`)
@@ -372,14 +376,23 @@ class _EpochLoop:
             )
             return "images", splits
         start = time.perf_counter()
-        computed = not self.stored(stage, splits)
-        splits = {role: self.cached(stage, split) for role, split in splits.items()}
+        keys = self.cache_keys(stage, splits)
+        found = {role: self.cached(stage, split, keys[role]) for role, split in splits.items()}
+        splits = {role: split for role, (split, _) in found.items()}
         names = ", ".join(split.name for split in splits.values())
-        _say(
-            f"cached the {what} of {names}: {size} ({time.perf_counter() - start:.1f} s)"
-            if computed
-            else f"reusing the {what} of {names} cached by an earlier run: {size}"
-        )
+        computed = [splits[role].name for role, (_, where) in found.items() if where is None]
+        directory = self.feature_cache.directory
+        if computed:
+            seconds = f"{time.perf_counter() - start:.1f} s"
+            if len(computed) < len(splits):
+                seconds += f" for {', '.join(computed)}, the rest cached by an earlier run"
+            kept = f", kept in {directory}" if directory is not None else ""
+            _say(f"cached the {what} of {names}: {size} ({seconds}){kept}")
+        else:
+            origin = (
+                "" if {where for _, where in found.values()} == {"memory"} else f" ({directory})"
+            )
+            _say(f"reusing the {what} of {names} cached by an earlier run{origin}: {size}")
         return ("cached features" if stage == STAGES[0] else "cached activations"), splits
 
     def cached_shape(self, stage: str, split: input_pipeline.Split) -> tuple[int, ...]:
@@ -391,36 +404,50 @@ class _EpochLoop:
         compute = self.runner.features if stage == STAGES[0] else self.runner.cut_activations
         return tuple(jax.eval_shape(compute, image).shape[1:])
 
-    def store_key(self, stage: str, split: input_pipeline.Split) -> tuple:
-        """Everything a split's cached values depend on: the frozen layers, the preprocessing, the
-        examples (and, for fine-tuning, where the frozen layers end)."""
+    def cache_keys(self, stage: str, splits: dict[str, input_pipeline.Split]) -> dict[str, str]:
+        """Each split's `FeatureCache.key`: the frozen layers (every backbone layer before the
+        cached point), how they run, and the split's examples."""
+        model = self.runner.model
+        backbone = model.backbone
+        stop = NUM_UNITS if stage == STAGES[0] else model.cut
+        frozen = [
+            module
+            for name, module in backbone.keras_layers().items()
+            if name != "predictions" and backbone.unit_of_layer(name) < stop
+        ]
+        parameters = FeatureCache.parameters_digest(frozen)
         config = self.config
-        return (
-            split.name,
-            split.ranges,
-            *(config.weights, config.alpha, config.image_size, config.dtype, config.depthwise),
-            self.resize,
-            self.batch_size,
-            "features" if stage == STAGES[0] else ("activations", self.runner.model.cut),
-        )
+        settings = {
+            "values": "features" if stage == STAGES[0] else "activations",
+            # With a fine-tuning stage, the features are computed in two parts (`features`).
+            "cut": model.cut,
+            "image_size": config.image_size,
+            "dtype": config.dtype,
+            "depthwise": config.depthwise,
+            "resize": self.resize,
+            "batch_size": self.batch_size,
+            "devices": jax.device_count(),
+            "process": [jax.process_index(), jax.process_count()],
+        }
+        return {
+            role: self.feature_cache.key(split, parameters, settings)
+            for role, split in splits.items()
+        }
 
-    def stored(self, stage: str, splits: dict[str, input_pipeline.Split]) -> bool:
-        """Whether an earlier run in this process left every split's cached values in the store."""
-        return self.feature_store is not None and all(
-            self.store_key(stage, split) in self.feature_store for split in splits.values()
-        )
+    def cached(
+        self, stage: str, split: input_pipeline.Split, key: str
+    ) -> tuple[input_pipeline.Split, str | None]:
+        """`split` on its cached values, and where they were found (None: computed now)."""
+        found = self.feature_cache.load(key, split)
+        if found is None:
+            arrays, where = self.cache(stage, split), None
+            self.feature_cache.store(key, arrays)
+        else:
+            arrays, where = found
+        return input_pipeline.with_examples(split, arrays), where
 
-    def cached(self, stage: str, split: input_pipeline.Split) -> input_pipeline.Split:
-        """`split` on cached values: from the feature store when another run computed them."""
-        if self.feature_store is None:
-            return self.cache(stage, split)
-        key = self.store_key(stage, split)
-        if key not in self.feature_store:
-            self.feature_store[key] = self.cache(stage, split)
-        return self.feature_store[key]
-
-    def cache(self, stage: str, split: input_pipeline.Split) -> input_pipeline.Split:
-        """`split` with every image replaced by what the frozen layers make of it, computed once.
+    def cache(self, stage: str, split: input_pipeline.Split) -> dict[str, np.ndarray]:
+        """What the frozen layers make of every image of `split`, and its labels, in its order.
 
         Computed by the same jitted layers as the end-to-end step, in the split's own order, so
         the epochs shuffle the cached values exactly as they would shuffle the images.
@@ -450,9 +477,7 @@ class _EpochLoop:
                 labels.append(host["label"][real])
                 bar.update(1)
                 self.stop_if_requested()
-        return input_pipeline.with_examples(
-            split, {name: np.concatenate(values), "label": np.concatenate(labels)}
-        )
+        return {name: np.concatenate(values), "label": np.concatenate(labels)}
 
     def save(self, epoch: int, record: dict) -> None:
         """Appends the epoch's record, saves its checkpoint and rewrites history.json."""

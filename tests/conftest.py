@@ -75,6 +75,22 @@ def compilation_cache(tmp_path_factory):
         jax.config.update(name, value)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_cache_home(tmp_path_factory):
+    """The per-user cache ($XDG_CACHE_HOME) of module- and session-wide fixtures' runs."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg")))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def per_user_cache(tmp_path_factory, monkeypatch):
+    """A fresh per-user cache ($XDG_CACHE_HOME) for every test, its subprocesses included: runs
+    keep their cached features there (`--feature-cache auto`), never in the home directory, and
+    no test finds another's."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg")))
+
+
 @pytest.fixture
 def he_backbone(monkeypatch):
     """Every model built from a config in this test (training, evaluation) has a He-initialised backbone."""

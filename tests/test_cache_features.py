@@ -8,11 +8,17 @@ features are ~1e-11, on which any order of any features would give the same hist
 
 import dataclasses
 import json
+import os
+import pathlib
 
+import numpy as np
 import pytest
-from helpers import assert_same_history, tiny_config, use_he_backbone
+from flax import nnx
+from helpers import assert_same_history, tiny_config, use_he_backbone, without_seconds
 
-from mnist_flax import checkpoints, evaluate, train
+from mnist_flax import checkpoints, evaluate, feature_cache, input_pipeline, train
+from mnist_flax.feature_cache import FeatureCache
+from mnist_flax.mobilenet_v2 import MobileNetV2
 
 
 @pytest.fixture(autouse=True)
@@ -93,6 +99,84 @@ def test_auto_caches_what_fits_the_budget_and_says_what_each_epoch_ran_on(
     )
     out = capsys.readouterr().out
     assert "caching" not in out and "img/s on images)" in out
+
+
+def test_a_rerun_loads_the_features_an_earlier_run_kept_on_disk(idx_dir, tmp_path, capsys):
+    """--feature-cache: the second run of a command reads the first one's features (the same
+    history, bit for bit); a damaged file is computed again; "none" keeps nothing on disk."""
+    directory = pathlib.Path(os.environ["XDG_CACHE_HOME"], "mnist_flax", "features")
+    first = train.train_and_evaluate(tiny_config(idx_dir, tmp_path / "first", epochs=2))
+    out = capsys.readouterr().out
+    assert f"cached the backbone features of mnist train ({idx_dir})" in out
+    assert f"kept in {directory}" in out
+    files = sorted(directory.glob("*.npz"))
+    assert len(files) == 2  # one per split: train, test
+
+    again = train.train_and_evaluate(tiny_config(idx_dir, tmp_path / "again", epochs=2))
+    out = capsys.readouterr().out
+    assert f"reusing the backbone features of mnist train ({idx_dir})" in out
+    assert f"cached by an earlier run ({directory})" in out
+    assert without_seconds(again) == without_seconds(first)
+
+    # Another test split: the training features are found, the new split's computed.
+    other = tiny_config(idx_dir, tmp_path / "other", epochs=1, test_split="test[:10]")
+    train.train_and_evaluate(other)
+    out = capsys.readouterr().out
+    assert "cached the backbone features" in out and "the rest cached by an earlier run" in out
+    assert len(list(directory.glob("*.npz"))) == 3
+
+    for file in files:  # damaged (an interrupted copy, a full disk): computed again, replaced
+        file.write_bytes(file.read_bytes()[:100])
+    damaged = train.train_and_evaluate(tiny_config(idx_dir, tmp_path / "damaged", epochs=2))
+    assert "cached the backbone features" in capsys.readouterr().out
+    assert without_seconds(damaged) == without_seconds(first)
+    assert all(file.stat().st_size > 100 for file in files)
+
+    elsewhere = tmp_path / "elsewhere"
+    train.train_and_evaluate(
+        tiny_config(idx_dir, tmp_path / "dir", epochs=1, feature_cache=str(elsewhere))
+    )
+    assert f"kept in {elsewhere}" in capsys.readouterr().out
+    assert len(list(elsewhere.glob("*.npz"))) == 2
+
+    nowhere = tiny_config(idx_dir, tmp_path / "nowhere", epochs=1, feature_cache="none")
+    train.train_and_evaluate(dataclasses.replace(nowhere, test_split="test[:5]"))
+    out = capsys.readouterr().out
+    assert "cached the backbone features" in out and "kept in" not in out
+    assert len(list(directory.glob("*.npz"))) == 3
+
+
+def test_the_cache_key_changes_with_the_parameters_the_examples_and_the_settings(idx_dir):
+    cache = FeatureCache(None)
+    train_split = input_pipeline.load_split("mnist", "train", data_dir=idx_dir)
+    test_split = input_pipeline.load_split("mnist", "test", data_dir=idx_dir)
+    backbone = MobileNetV2(alpha=0.35, include_top=False, rngs=nnx.Rngs(0))
+    modules = [backbone.Conv1, backbone.bn_Conv1]
+    parameters = FeatureCache.parameters_digest(modules)
+    key = cache.key(train_split, parameters, {"image_size": 32})
+    assert cache.key(train_split, parameters, {"image_size": 32}) == key
+    assert cache.key(test_split, parameters, {"image_size": 32}) != key
+    assert cache.key(train_split, parameters, {"image_size": 64}) != key
+    # A BatchNorm statistic one float32 step away is another backbone.
+    mean = backbone.bn_Conv1.mean
+    mean.set_value(mean[...].at[0].set(np.nextafter(np.float32(mean[0]), np.float32(1))))
+    assert (
+        cache.key(train_split, FeatureCache.parameters_digest(modules), {"image_size": 32}) != key
+    )
+
+
+def test_the_directory_keeps_the_most_recently_used_files_within_its_budget(tmp_path, monkeypatch):
+    monkeypatch.setattr(feature_cache, "DISK_BUDGET_MB", 1)
+    cache = FeatureCache(tmp_path)
+    half_a_megabyte = {"features": np.zeros((100, 1280), np.float32), "label": np.zeros(100, int)}
+    cache.store("old", half_a_megabyte)
+    cache.store("used", half_a_megabyte)
+    an_hour_ago = (tmp_path / "old.npz").stat().st_mtime - 3600
+    for name in ("old", "used"):
+        os.utime(tmp_path / f"{name}.npz", (an_hour_ago, an_hour_ago))
+    os.utime(tmp_path / "used.npz")  # what `load` does to a file it reads
+    cache.store("new", half_a_megabyte)  # 1.5 MB in all: the least recently used file goes
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["new.npz", "used.npz"]
 
 
 @pytest.mark.slow

@@ -8,7 +8,11 @@ import pytest
 from mnist_flax import cli, config
 
 
-def test_seeds_runs_each_seed_in_its_own_workdir_and_summarises(idx_dir, tmp_path, capsys):
+def test_seeds_runs_each_seed_in_its_own_workdir_and_summarises(
+    idx_dir, tmp_path, capsys, he_backbone
+):
+    """The seeds share one backbone (He-initialised from a fixed seed), so its features are
+    computed once; a random backbone drawn from each seed (`--weights none` alone) would not be."""
     workdir, summary_file = tmp_path / "seeds", tmp_path / "summary.json"
     flags = ["--image-size", "32", "--alpha", "0.35", "--weights", "none", "--batch-size", "8"]
     flags += ["--epochs", "2", "--quiet", "--data-dir", str(idx_dir), "--workdir", str(workdir)]
