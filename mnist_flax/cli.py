@@ -259,7 +259,19 @@ COMMANDS = {"train": _train, "seeds": _seeds, "evaluate": _evaluate, "convert": 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs one `mnist-flax` command; returns the process exit status."""
+    """Runs one `mnist-flax` command; returns the process exit status.
+
+    With `argv` None (the command line: `mnist-flax`, `python -m mnist_flax`) the process exits
+    next, and the interpreter's last garbage collection is spared the libraries' objects
+    (`runtime.freeze_for_exit`); called with a list (tests, notebooks) it leaves the collector alone.
+    """
+    status = _run(argv)
+    if argv is None:
+        runtime.freeze_for_exit()
+    return status
+
+
+def _run(argv: Sequence[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
         # Before TensorFlow or JAX load (each command imports what it needs when it runs).

@@ -16,6 +16,7 @@ in the per-user `cache_home()`, beside the cached features `feature_cache.py` ke
 
 from __future__ import annotations
 
+import gc
 import importlib
 import logging
 import os
@@ -32,6 +33,18 @@ def quiet_libraries() -> None:
         os.environ.setdefault(name, value)
     # Orbax logs through absl's Python logger; its warnings are about its own options.
     logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+def freeze_for_exit() -> None:
+    """Spares the interpreter's last garbage collection every object alive now (`gc.freeze`).
+
+    For a process about to exit: TensorFlow's and JAX's modules hold millions of objects, and the
+    collection Python runs at exit walks every one. `python -c "import tensorflow"` spent 0.87 s
+    after its last line, 0.09 s with this; a 64-image `mnist-flax train` run 1.1-1.7 s, 0.4-0.7 s
+    with this (which includes writing curves.png; 2-core CPU). Not for a process that goes on:
+    a frozen object is never collected.
+    """
+    gc.freeze()
 
 
 def import_tensorflow():

@@ -88,6 +88,22 @@ def _fresh_python(code: str) -> str:
     ).stdout
 
 
+def test_the_command_line_spares_the_exit_collection_and_python_callers_keep_theirs():
+    """`mnist-flax` freezes what is alive as it ends (`runtime.freeze_for_exit`); `cli.main(argv)`
+    called from Python leaves the collector alone."""
+    code = (
+        "import gc, sys\n"
+        "from mnist_flax import cli\n"
+        "assert cli.main(['train', '--epochs', '0']) == 2\n"
+        "print(gc.get_freeze_count())\n"
+        "sys.argv = ['mnist-flax', 'train', '--epochs', '0']\n"
+        "assert cli.main() == 2\n"
+        "print(gc.get_freeze_count())\n"
+    )
+    from_python, from_the_command_line = map(int, _fresh_python(code).split())
+    assert from_python == 0 and from_the_command_line > 1000
+
+
 def test_the_config_and_the_help_import_neither_jax_nor_tensorflow():
     """`mnist-flax train --help` answers before the heavy libraries load."""
     code = (
