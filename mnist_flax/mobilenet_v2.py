@@ -302,10 +302,13 @@ def _taps_conv_bwd(padding, strides, residuals, g):
     xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
     views = _shifted_views(xp, kh, kw, strides)
     if kernel.ndim == 3:
-        dk = [jnp.sum(view * g, axis=(0, 1, 2)) for view in views]
+        dk = jnp.stack([jnp.sum(view * g, axis=(0, 1, 2)) for view in views])
     else:
-        dk = [jnp.einsum("nhwc,nhwd->cd", view, g) for view in views]
-    dk = jnp.stack(dk).reshape(kernel.shape).astype(kernel.dtype)
+        # Every tap's in one matrix product, the views side by side (im2col): the notebook
+        # adapter's kernel (1 -> 3 channels) as nine products of 1 x 3 over 100,352 rows each
+        # took 4.3 ms a chunk of 2 images at 224 px, this 2.0 ms (the train step -4%).
+        dk = jnp.einsum("nhwk,nhwd->kd", jnp.concatenate(views, axis=-1), g)
+    dk = dk.reshape(kernel.shape).astype(kernel.dtype)
 
     # Padded input row p = s*i + ky receives g[i] * w[ky]. Split p by phase p = s*q + a: the taps
     # ky = a + s*m reach it from g[q - m], a stride-1 correlation over a zero-padded cotangent.
