@@ -71,8 +71,8 @@ def import_tensorflow():
 def cache_home() -> pathlib.Path:
     """This project's per-user cache: $XDG_CACHE_HOME/mnist_flax, by default ~/.cache/mnist_flax.
     It holds JAX's compiled steps (jax/) and cached backbone features (features/, `feature_cache`)."""
-    cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return pathlib.Path(cache_home, "mnist_flax")
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(root, "mnist_flax")
 
 
 def enable_compilation_cache(setting: str) -> pathlib.Path | None:
