@@ -25,15 +25,16 @@ shift), which is exact up to float32 rounding and saves one pass over every acti
 Two implementations of the convolutions share the same parameters (`depthwise=`):
 - "conv": XLA's native convolution (`lax.conv_general_dilated`, depthwise via `feature_group_count`),
   the fastest choice on GPU and TPU.
-- "taps": the 3x3 depthwise convolution as nine shifted multiply-adds and every 1x1 convolution as a matrix
-  product over the channel axis. XLA's CPU backend runs a grouped convolution 10-20x and a 1x1 convolution
-  2-4x slower than these equivalent forms, so this is the fast path on CPU.
+- "taps": the 3x3 depthwise convolution as nine shifted multiply-adds, every 1x1 convolution as a matrix
+  product over the channel axis and Conv1 as one over its 3x3x3 input windows (im2col). XLA's CPU backend
+  runs a grouped convolution 10-20x and a 1x1 convolution 2-4x slower than these equivalent forms, so this
+  is the fast path on CPU.
 - "auto" picks "taps" when JAX's default backend is the CPU and "conv" otherwise.
 
-The "taps" convolutions carry a hand-written gradient (`taps_conv`), and ReLU6 TensorFlow's
-(`_relu6`): what JAX derives from the forward's strided slices and `jnp.clip` ran the backward pass
-5-18x slower than the forward on XLA:CPU. Both matter where a gradient crosses the backbone (the
-notebook model's adapter, fine-tuning); a frozen backbone's forward pass is unchanged.
+The "taps" convolutions carry a hand-written gradient (`taps_conv`, `im2col_conv`), and ReLU6
+TensorFlow's (`_relu6`): what JAX derives from the forward's strided slices and `jnp.clip` ran the
+backward pass 5-18x slower than the forward on XLA:CPU. Both matter where a gradient crosses the
+backbone (the notebook model's adapter, fine-tuning); a frozen backbone's forward pass is unchanged.
 """
 
 from __future__ import annotations
@@ -190,10 +191,13 @@ class Conv2D(nnx.Module):
         elif kh == 1 and kw == 1 and self.strides == 1:
             y = _native_conv(x, kernel, ((0, 0), (0, 0)), 1, groups=1)
         elif impl == "taps":
-            # Conv1 (3x3, stride 2, only 3 input channels): 27 broadcast multiply-adds, one per
-            # (tap, input channel), which XLA fuses into a single pass writing the output once.
-            # An im2col concatenation + matmul is ~3x slower, XLA:CPU's convolution ~8x.
-            y = taps_conv(x, kernel, correct_pad(x.shape[1], x.shape[2], kh), self.strides)
+            # Conv1 (3x3, stride 2, 3 input channels): one matrix product over its 27 window
+            # values (`im2col_conv`), whose output XLA writes once. As 27 fused multiply-adds
+            # (`taps_conv`) it looked cheap enough for XLA to recompute inside each of block 0's
+            # fusions that read it, forward and backward (71 ms of a 615 ms notebook train step);
+            # the product made that step and the forward pass 5% faster. XLA:CPU's convolution
+            # was ~8x slower than the multiply-adds.
+            y = im2col_conv(x, kernel, correct_pad(x.shape[1], x.shape[2], kh), self.strides)
         else:
             # The only conv larger than 1x1 is Conv1, stride 2: Keras' "same" padding for it is
             # `correct_pad` (a stride-1 3x3 conv would need ((1, 1), (1, 1)) instead).
@@ -261,7 +265,7 @@ def _shifted_views(x: jax.Array, kh: int, kw: int, strides: int) -> list[jax.Arr
 
 def _tap_terms(view: jax.Array, w: jax.Array) -> list[jax.Array]:
     """One tap's products: depthwise `w` (C,) scales each channel; dense `w` (Cin, Cout) broadcasts
-    each input channel (Conv1 has only 3) over the output channels."""
+    each input channel (the notebook adapter has only 1) over the output channels."""
     if w.ndim == 1:
         return [view * w]
     return [view[..., c : c + 1] * w[c] for c in range(w.shape[0])]
@@ -273,7 +277,8 @@ def taps_conv(
 ) -> jax.Array:
     """A "valid" conv over `x` zero-padded by `padding`, as one multiply-add per tap (the CPU path).
 
-    kernel: depthwise `(kh, kw, C)` or dense `(kh, kw, Cin, Cout)` with a small Cin (Conv1).
+    kernel: depthwise `(kh, kw, C)` or dense `(kh, kw, Cin, Cout)` with a small Cin and Cout (the
+    notebook adapter's 1 -> 3 channels; Conv1's 3 -> 32 is `im2col_conv`).
 
     The gradient is written by hand (`_taps_conv_bwd`). Differentiating the forward's strided
     slices gives one zero-padded, full-size copy of the cotangent per tap, summed: on XLA:CPU
@@ -290,13 +295,34 @@ def taps_conv(
     )
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def im2col_conv(
+    x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, int], ...], strides: int
+) -> jax.Array:
+    """`taps_conv` with a dense kernel `(kh, kw, Cin, Cout)` as one matrix product (CPU path).
+
+    The input windows go side by side on the channel axis (im2col: kh * kw * Cin values per output
+    pixel, tap-major like the kernel's reshape), then one product with the kernel. The gradient is
+    `taps_conv`'s.
+    """
+    xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+    kh, kw, cin, cout = kernel.shape
+    columns = jnp.concatenate(_shifted_views(xp, kh, kw, strides), axis=-1)
+    return jnp.einsum("nhwk,kd->nhwd", columns, kernel.reshape(kh * kw * cin, cout))
+
+
 def _taps_conv_fwd(x, kernel, padding, strides):
     return taps_conv(x, kernel, padding, strides), (x, kernel)
 
 
+def _im2col_conv_fwd(x, kernel, padding, strides):
+    return im2col_conv(x, kernel, padding, strides), (x, kernel)
+
+
 def _taps_conv_bwd(padding, strides, residuals, g):
     """Input gradient as a stride-1 correlation of the cotangent with the flipped kernel, one per
-    stride phase; kernel gradient as one reduction per tap (dropped by XLA when nothing asks)."""
+    stride phase; kernel gradient as one reduction per tap (dropped by XLA when nothing asks).
+    Shared by `taps_conv` and `im2col_conv`, two ways to compute the same function."""
     x, kernel = residuals
     kh, kw = kernel.shape[:2]
     xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
@@ -317,8 +343,8 @@ def _taps_conv_bwd(padding, strides, residuals, g):
     n, hp, wp, cin = xp.shape
     qh, qw = -(-hp // s), -(-wp // s)  # rows and columns per phase
     mh, mw = -(-kh // s), -(-kw // s)  # most taps in one phase, per axis
-    # Depthwise: each tap's product g * w is formed in the fused sum below. Dense (Conv1): every
-    # tap's product g @ w.T from one matrix product, [n, h, w, kh, kw, Cin].
+    # Depthwise: each tap's product g * w is formed in the fused sum below. Dense (Conv1, the
+    # adapter): every tap's product g @ w.T from one matrix product, [n, h, w, kh, kw, Cin].
     products = g if kernel.ndim == 3 else jnp.einsum("nhwd,ijcd->nhwijc", g, kernel)
     pad = ((0, 0), (mh - 1, qh - g.shape[1]), (mw - 1, qw - g.shape[2]))
     products = jnp.pad(products, pad + ((0, 0),) * (products.ndim - 3))
@@ -351,6 +377,7 @@ def _taps_conv_bwd(padding, strides, residuals, g):
 
 
 taps_conv.defvjp(_taps_conv_fwd, _taps_conv_bwd)
+im2col_conv.defvjp(_im2col_conv_fwd, _taps_conv_bwd)
 
 
 def _native_conv(

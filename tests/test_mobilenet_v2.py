@@ -31,6 +31,7 @@ from mnist_flax.mobilenet_v2 import (
     _relu6,
     block_keras_prefix,
     correct_pad,
+    im2col_conv,
     keras_layer_path,
     taps_conv,
 )
@@ -204,15 +205,18 @@ def test_taps_convolution_and_its_hand_written_gradient_equal_xlas_convolution(
             feature_group_count=shape[-1] if depthwise else 1,
         )
 
-    ours = lambda x, kernel: taps_conv(x, kernel, padding, stride)  # noqa: E731
-    y, ours_vjp = jax.vjp(ours, x, kernel)
     y_ref, reference_vjp = jax.vjp(reference, x, kernel)
-    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
-    cotangent = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
-    for name, got, want in zip(
-        ("input", "kernel"), ours_vjp(cotangent), reference_vjp(cotangent), strict=True
-    ):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4, err_msg=name)
+    cotangent = jnp.asarray(rng.normal(size=y_ref.shape), jnp.float32)
+    # A dense kernel also runs as one matrix product over the windows (Conv1's path).
+    for conv in (taps_conv,) if depthwise else (taps_conv, im2col_conv):
+        y, ours_vjp = jax.vjp(lambda x, kernel: conv(x, kernel, padding, stride), x, kernel)  # noqa: B023
+        np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5, err_msg=conv.__name__)
+        for name, got, want in zip(
+            ("input", "kernel"), ours_vjp(cotangent), reference_vjp(cotangent), strict=True
+        ):
+            np.testing.assert_allclose(
+                got, want, rtol=1e-5, atol=1e-4, err_msg=f"{conv.__name__} {name}"
+            )
 
 
 def test_relu6_gradient_is_tensorflows():
