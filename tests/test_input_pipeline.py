@@ -500,12 +500,13 @@ def test_epoch_seed_is_a_pure_function_that_varies_by_epoch():
 def test_make_batches_shapes_dtypes_and_values(idx_dir, resize):
     split = input_pipeline.load_split("mnist", "test", data_dir=idx_dir)
 
-    batches = list(
-        input_pipeline.make_batches(
-            split, batch_size=4, image_size=32, shuffle_seed=5, resize=resize
-        ).as_numpy_iterator()
+    dataset = input_pipeline.make_batches(
+        split, batch_size=4, image_size=32, shuffle_seed=5, resize=resize
     )
+    batches = list(dataset.as_numpy_iterator())
 
+    # No autotuning thread, whose wake-up deleting an iterator would wait for (`make_batches`).
+    assert dataset.options().autotune.enabled is False
     assert len(batches) == math.ceil(11 / 4)
     images = np.concatenate([b["image"][b["mask"]] for b in batches])
     if resize == "host":
