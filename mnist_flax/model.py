@@ -13,8 +13,9 @@ This module owns
 
 Why freezing costs no backward pass through the backbone: the train step differentiates only what
 the optimizer's stage trains (`trained_filter`), and `set_to_zero` never reads the zero gradients
-the frozen parameters get. In the pipeline model nothing trainable sits before the backbone, so the head's gradient needs only the
-pooled features (the train step costs 1.02x the forward). The notebook model's adapter does sit
+the frozen parameters get. In the pipeline model nothing trainable sits before the backbone, so the
+head's gradient needs only the pooled features (the train step costs 1.00x the forward at 224 px,
+`scripts/step_flops.py`). The notebook model's adapter does sit
 before it: its gradient travels back through the frozen backbone's activations (not its weights),
 about twice the forward. Fine-tuning from layer L adds the backward pass of the layers after L
 only. `tests/test_steps.py` checks these from the compiled steps' cost analysis.
