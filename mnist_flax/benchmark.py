@@ -2,7 +2,7 @@
 
 This module owns how things are timed (the protocol), the report (a table on stdout, optionally
 `--json FILE`) and the command line; what is timed is in `benchmark_subjects.py`. For every
-combination of the swept options (`--batch-size`, `--image-size`, `--dtype`, `--depthwise`,
+combination of the swept options (`--batch-size`, `--image-size`, `--dtype`, `--conv-impl`,
 `--resize`; each takes several values) it measures, on the model `--model` names (the pipeline
 model on RGB images in [-1, 1], the default; or the Keras notebook's model, UpSampling2D +
 Conv2D(3, relu) in front of the frozen backbone, on 28x28 digits in [0, 1]):
@@ -33,12 +33,12 @@ compile time is a median over the repetitions.
 
 Data: the IDX files in `--data-dir` (split `--split`), else synthetic 28x28 uint8 images with random
 pixels and labels, written as IDX files to a temporary folder so that both go through the same
-loader. The report says which. Usage (also `python scripts/benchmark.py`):
+loader. The report says which. The command line is `mnist-flax benchmark` (its flags: `cli.py`):
 
-    python -m mnist_flax.benchmark --batch-size 32 128 --resize host device --json bench.json
-    python -m mnist_flax.benchmark --keras-baseline --weights ../shared/weights/FILE.h5
-    python -m mnist_flax.benchmark --model notebook --keras-baseline --weights ../shared/FILE.h5
-    python -m mnist_flax.benchmark --measure cache --data-dir ../shared/data/mnist --split test
+    mnist-flax benchmark --batch-size 32 128 --resize host device --json bench.json
+    mnist-flax benchmark --keras-baseline --weights ../shared/weights/FILE.h5
+    mnist-flax benchmark --model notebook --keras-baseline --weights ../shared/FILE.h5
+    mnist-flax benchmark --measure cache --data-dir ../shared/data/mnist --split test
 """
 
 from __future__ import annotations
@@ -51,7 +51,6 @@ import json
 import os
 import pathlib
 import platform
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -69,15 +68,12 @@ from mnist_flax.benchmark_subjects import (
     cache_runs,
     resolve_weights,
 )
-from mnist_flax.config import DEPTHWISE_IMPLS, DIGIT_SIZE, DTYPES, MODELS, RESIZE_MODES, TrainConfig
-from mnist_flax.mobilenet_v2 import resolve_depthwise
+from mnist_flax.config import DEFAULT_MEASUREMENTS, DIGIT_SIZE, MODELS, TrainConfig
+from mnist_flax.convolutions import resolve_conv_impl
 from mnist_flax.model import resolve_resize
 
-MEASUREMENTS = ("pipeline", "step", "forward", "end-to-end", "cache")
-DEFAULT_MEASUREMENTS = ("pipeline", "step", "forward", "end-to-end")
 # Synthetic data: enough examples for every measurement's epoch (smaller needs reuse a prefix).
 MIN_SYNTHETIC_EXAMPLES = 1024
-EXIT_USAGE = 2
 
 
 class BenchmarkError(ValueError):
@@ -275,8 +271,8 @@ def measure_group(
         if ours.compile_seconds is not None:
             row["compile_seconds"] = ours.compile_seconds
             row["input"], row["parameters"] = ours.input, ours.parameters
-        if variant.depthwise == "auto":
-            row["depthwise"] = f"auto={resolve_depthwise('auto')}"
+        if variant.conv_impl == "auto":
+            row["conv_impl"] = f"auto={resolve_conv_impl('auto')}"
         if variant.model == "notebook":
             row["resize"] = resolve_resize(variant.resize, variant.model)
         elif variant.resize == "auto":
@@ -336,7 +332,7 @@ def measure_cache(args: argparse.Namespace, data: DataSource) -> dict:
         seed=args.seed,
         alpha=args.alpha,
         weights=resolve_weights(args.weights, args.alpha, args.image_size[0]),
-        depthwise=args.depthwise[0],
+        conv_impl=args.conv_impl[0],
         dtype=args.dtype[0],
         resize=args.resize[0],
         quiet=True,
@@ -348,14 +344,14 @@ def describe(variant: Variant) -> str:
     return (
         f"{variant.model} model, batch {variant.batch_size}, "
         f"{variant.image_size}x{variant.image_size}, {variant.dtype}, "
-        f"depthwise {variant.depthwise}, resize {variant.resize}"
+        f"conv {variant.conv_impl}, resize {variant.resize}"
     )
 
 
 def resize_comparisons(rows: list[dict]) -> list[dict]:
     """For variants that differ only in --resize: device / host images/s of pipeline and end to end."""
     comparisons = []
-    key_fields = ("model", "batch_size", "image_size", "dtype", "depthwise")
+    key_fields = ("model", "batch_size", "image_size", "dtype", "conv_impl")
     by_key = {(tuple(row[f] for f in key_fields), row["resize"]): row for row in rows}
     for (key, resize), device in by_key.items():
         host = by_key.get((key, "host"))
@@ -410,8 +406,8 @@ COLUMNS: tuple[tuple[str, str, Callable[[dict], float | None]], ...] = (
 
 
 def _table(rows: list[dict], keras_rows: list[dict]) -> list[str]:
-    def settings(who, model, batch, size, dtype, depthwise, resize) -> str:
-        return f"{who:5} {model:8} {batch:>5} {size:>4} {dtype:8} {depthwise:10} {resize:6}"
+    def settings(who, model, batch, size, dtype, conv_impl, resize) -> str:
+        return f"{who:5} {model:8} {batch:>5} {size:>4} {dtype:8} {conv_impl:10} {resize:6}"
 
     def cells(row: dict, who: str) -> str:
         values = (column(row) for _, _, column in COLUMNS)
@@ -421,11 +417,11 @@ def _table(rows: list[dict], keras_rows: list[dict]) -> list[str]:
             row["batch_size"],
             row["image_size"],
             row.get("dtype", "float32"),
-            row.get("depthwise", "-"),
+            row.get("conv_impl", "-"),
             row.get("resize", "host"),
         ) + "".join("        -" if v is None else f"{v:9.1f}" for v in values)
 
-    header = settings("", "model", "batch", "size", "dtype", "depthwise", "resize")
+    header = settings("", "model", "batch", "size", "dtype", "conv", "resize")
     lines = [
         header + "".join(f"{heading:>9}" for heading, _, _ in COLUMNS),
         " " * len(header) + "".join(f"{unit:>9}" for _, unit, _ in COLUMNS),
@@ -439,7 +435,7 @@ def _label(row: dict) -> str:
     size = row["image_size"]
     return (
         f"{row.get('model', MODELS[0])} model, batch {row['batch_size']} {size}x{size} "
-        f"{row['dtype']} depthwise {row['depthwise']}"
+        f"{row['dtype']} conv {row['conv_impl']}"
     )
 
 
@@ -508,81 +504,6 @@ def format_report(results: dict) -> str:
 # The command line.
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m mnist_flax.benchmark",
-        description="Throughput of the input pipeline, the compiled train step and both together, "
-        "optionally against Keras; swept options take several values.",
-    )
-    sweep = parser.add_argument_group("swept options (every combination is one row)")
-    # Every default is the training run's (`TrainConfig`).
-    defaults = TrainConfig()
-    sweep.add_argument("--batch-size", type=int, nargs="+", default=[defaults.batch_size])
-    sweep.add_argument("--image-size", type=int, nargs="+", default=[defaults.image_size])
-    sweep.add_argument("--dtype", nargs="+", choices=DTYPES, default=[defaults.dtype])
-    sweep.add_argument(
-        "--depthwise", nargs="+", choices=DEPTHWISE_IMPLS, default=[defaults.depthwise]
-    )
-    sweep.add_argument("--resize", nargs="+", choices=RESIZE_MODES, default=[defaults.resize])
-    model = parser.add_argument_group("model and data")
-    model.add_argument(
-        "--model",
-        choices=MODELS,
-        default=defaults.model,
-        help="pipeline: RGB images in [-1, 1] into the frozen MobileNetV2; notebook: the Keras "
-        "notebook's model, 28x28 digits in [0, 1] through UpSampling2D(--image-size / 28) + "
-        "Conv2D(3, relu) first (--image-size a multiple of 28; no --resize, no --measure cache) "
-        f"(default: {defaults.model})",
-    )
-    model.add_argument(
-        "--alpha", type=float, default=defaults.alpha, help="MobileNetV2 width multiplier"
-    )
-    model.add_argument(
-        "--weights",
-        default=defaults.weights,
-        help="imagenet (Keras cache or download), none (random), PATH.h5, or a DIR from "
-        "`mnist-flax convert` (not with --keras-baseline) (default: imagenet)",
-    )
-    model.add_argument("--data-dir", help="MNIST IDX files; default: synthetic digits")
-    model.add_argument(
-        "--split", default="train", help="split of --data-dir to read, e.g. test (default: train)"
-    )
-    model.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
-    model.add_argument("--seed", type=int, default=defaults.seed)
-    protocol = parser.add_argument_group("protocol")
-    protocol.add_argument(
-        "--measure",
-        nargs="+",
-        choices=MEASUREMENTS,
-        default=list(DEFAULT_MEASUREMENTS),
-        help=f"what to measure (default: {' '.join(DEFAULT_MEASUREMENTS)})",
-    )
-    protocol.add_argument("--keras-baseline", action="store_true", help="also time Keras/TF")
-    protocol.add_argument("--steps", type=int, default=10, help="timed steps a repetition (10)")
-    protocol.add_argument("--repeats", type=int, default=5, help="timed repetitions (5)")
-    protocol.add_argument("--warmup", type=int, default=2, help="untimed steps first (2)")
-    protocol.add_argument(
-        "--pipeline-batches", type=int, default=50, help="timed batches a pipeline epoch (50)"
-    )
-    cache = parser.add_argument_group(
-        "--measure cache",
-        "two train_and_evaluate runs, without and with cached features, on the first value of "
-        "each swept option",
-    )
-    cache.add_argument("--epochs", type=int, default=10, help="epochs of each run (10)")
-    cache.add_argument(
-        "--cache-examples",
-        type=int,
-        nargs=2,
-        default=[512, 128],
-        metavar=("TRAIN", "TEST"),
-        help="train and test examples, taken from the start of --split (512 128)",
-    )
-    cache.add_argument("--cache-repeats", type=int, default=1, help="runs each way (1)")
-    parser.add_argument("--json", type=pathlib.Path, help="also write the results to this file")
-    return parser
-
-
 def _check(args: argparse.Namespace) -> None:
     for flag in ("steps", "repeats", "pipeline_batches", "epochs", "cache_repeats"):
         if getattr(args, flag) < 1:
@@ -617,7 +538,7 @@ def run(args: argparse.Namespace) -> dict:
     variants = [
         Variant(*values, model=args.model)
         for values in itertools.product(
-            args.batch_size, args.image_size, args.dtype, args.depthwise, args.resize
+            args.batch_size, args.image_size, args.dtype, args.conv_impl, args.resize
         )
     ]
     largest_epoch = (max(args.pipeline_batches, args.steps) + 1) * max(args.batch_size)
@@ -642,29 +563,11 @@ def run(args: argparse.Namespace) -> dict:
     return results
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    """Runs the benchmark, prints its table (and writes `--json`); returns the results.
-
-    A bad option or missing file prints `error: ...` and exits with status 2, like the CLI.
-    """
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        results = run(args)
-    except ValueError as error:
-        # The project's own ValueErrors are input problems with a one-line message; any other
-        # ValueError is a bug and keeps its traceback.
-        ours = isinstance(error, BenchmarkError) or type(error).__module__.startswith("mnist_flax")
-        if not ours:
-            raise
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
-        raise SystemExit(EXIT_USAGE) from None
+def report(args: argparse.Namespace) -> dict:
+    """`mnist-flax benchmark`: measures, prints the report (and writes `--json`); returns the results."""
+    results = run(args)
     print(format_report(results))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
     return results
-
-
-if __name__ == "__main__":
-    main()

@@ -27,14 +27,8 @@ import numpy as np
 
 from mnist_flax import convert, input_pipeline, train
 from mnist_flax.config import DIGIT_SIZE, MODELS, TrainConfig
-from mnist_flax.model import (
-    ADAPTER,
-    HEAD,
-    create_model,
-    freeze_labels,
-    make_optimizer,
-    resolve_resize,
-)
+from mnist_flax.freezing import ADAPTER, HEAD, freeze_labels, make_optimizer
+from mnist_flax.model import create_model, resolve_resize
 from mnist_flax.steps import StepRunner, make_metrics, prefetch_to_device
 
 NUM_CLASSES = 10
@@ -51,7 +45,7 @@ class Variant:
     batch_size: int
     image_size: int
     dtype: str
-    depthwise: str
+    conv_impl: str
     resize: str
     model: str = MODELS[0]
 
@@ -123,7 +117,7 @@ class OurRun:
             seed=seed,
             alpha=alpha,
             weights=weights,
-            depthwise=variant.depthwise,
+            conv_impl=variant.conv_impl,
             dtype=variant.dtype,
             resize=variant.resize,
         )

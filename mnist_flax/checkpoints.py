@@ -35,7 +35,7 @@ HISTORY_FILE = "history.json"
 KEEP_LATEST = 3
 # What a resumed run must share with the checkpointed one: the model (weights source, width, input
 # size, classes, compute dtype) and the recipe whose history it continues (data, batch, optimizer,
-# seed). Everything else (workdir, quiet, data_dir, resize, depthwise, cache_features, and epochs
+# seed). Everything else (workdir, quiet, data_dir, resize, conv_impl, cache_features, and epochs
 # unless the learning rate decays) may change.
 MUST_MATCH = (
     "model",

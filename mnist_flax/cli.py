@@ -1,8 +1,10 @@
-"""The `mnist-flax` command (also `python -m mnist_flax`): train, evaluate, convert.
+"""The `mnist-flax` command (also `python -m mnist_flax`): train, seeds, evaluate, convert, plot,
+benchmark.
 
-Argument parsing only; the work is in `train.py`, `evaluate.py` and `convert.py`, imported when a
-command runs, so that `--help` and flag errors answer at once (`config.py`, which defines the
-train flags, imports neither JAX nor TensorFlow). Every error a user can fix (a bad flag value, a
+Argument parsing only; the work is in the module each command names (`train.py`, `seeds.py`,
+`evaluate.py`, `convert.py`, `plotting.py`, `benchmark.py`), imported when a command runs, so that
+`--help` and flag errors answer at once (`config.py`, which defines the train flags, imports
+neither JAX nor TensorFlow). Every error a user can fix (a bad flag value, a
 missing dataset or weights file, a workdir of another run, an unwritable workdir: any `ValueError`
 the library raises for bad input) is printed as one line `error: ...` with exit status 2, without a
 traceback. (Other exceptions, bugs, keep their traceback.) Ctrl-C exits with 130 after training
@@ -12,6 +14,7 @@ saved what was complete.
 from __future__ import annotations
 
 import argparse
+import pathlib
 import sys
 from collections.abc import Sequence
 
@@ -59,6 +62,76 @@ def _add_config_flags(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] 
         groups[group].add_argument(
             "--" + field.name.replace("_", "-"), default=field.default, **options
         )
+
+
+def _add_benchmark_flags(parser: argparse.ArgumentParser) -> None:
+    """`mnist-flax benchmark`'s flags (the work: `benchmark.py`)."""
+    sweep = parser.add_argument_group("swept options (every combination is one row)")
+    # Every default is the training run's (`TrainConfig`).
+    defaults = config.TrainConfig()
+    for flag, value, options in (
+        ("--batch-size", defaults.batch_size, {"type": int}),
+        ("--image-size", defaults.image_size, {"type": int}),
+        ("--dtype", defaults.dtype, {"choices": config.DTYPES}),
+        ("--conv-impl", defaults.conv_impl, {"choices": config.CONV_IMPLS}),
+        ("--resize", defaults.resize, {"choices": config.RESIZE_MODES}),
+    ):
+        sweep.add_argument(flag, nargs="+", default=[value], help="as for train", **options)
+    model = parser.add_argument_group("model and data")
+    model.add_argument(
+        "--model",
+        choices=config.MODELS,
+        default=defaults.model,
+        help="pipeline: RGB images in [-1, 1] into the frozen MobileNetV2; notebook: the Keras "
+        "notebook's model, 28x28 digits in [0, 1] through UpSampling2D(--image-size / 28) + "
+        "Conv2D(3, relu) first (--image-size a multiple of 28; no --resize, no --measure cache)",
+    )
+    model.add_argument(
+        "--alpha", type=float, default=defaults.alpha, help="MobileNetV2 width multiplier"
+    )
+    model.add_argument(
+        "--weights",
+        default=defaults.weights,
+        help="imagenet (Keras cache or download), none (random), PATH.h5, or a DIR from "
+        "`mnist-flax convert` (not with --keras-baseline)",
+    )
+    model.add_argument("--data-dir", help="MNIST IDX files; default: synthetic digits")
+    model.add_argument("--split", default="train", help="split of --data-dir to read, e.g. test")
+    model.add_argument(
+        "--learning-rate", type=float, default=defaults.learning_rate, help="as for train"
+    )
+    model.add_argument("--seed", type=int, default=defaults.seed, help="as for train")
+    protocol = parser.add_argument_group("protocol")
+    protocol.add_argument(
+        "--measure",
+        nargs="+",
+        choices=config.MEASUREMENTS,
+        default=list(config.DEFAULT_MEASUREMENTS),
+        help="what to measure",
+    )
+    protocol.add_argument("--keras-baseline", action="store_true", help="also time Keras/TF")
+    protocol.add_argument("--steps", type=int, default=10, help="timed steps a repetition")
+    protocol.add_argument("--repeats", type=int, default=5, help="timed repetitions")
+    protocol.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    protocol.add_argument(
+        "--pipeline-batches", type=int, default=50, help="timed batches a pipeline epoch"
+    )
+    cache = parser.add_argument_group(
+        "--measure cache",
+        "two train_and_evaluate runs, without and with cached features, on the first value of "
+        "each swept option",
+    )
+    cache.add_argument("--epochs", type=int, default=10, help="epochs of each run")
+    cache.add_argument(
+        "--cache-examples",
+        type=int,
+        nargs=2,
+        default=[512, 128],
+        metavar=("TRAIN", "TEST"),
+        help="train and test examples, taken from the start of --split",
+    )
+    cache.add_argument("--cache-repeats", type=int, default=1, help="runs each way")
+    parser.add_argument("--json", type=pathlib.Path, help="also write the results to this file")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,6 +228,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("--alpha", type=float, default=None, help="with --weights (default: 1.0)")
     convert.add_argument("--out", required=True, help="output directory")
+
+    plot = commands.add_parser(
+        "plot",
+        help="draw a run's training curves (accuracy, loss, learning rate) from its history.json",
+    )
+    plot.add_argument("history", help="a workdir of `mnist-flax train`, or its history.json")
+    plot.add_argument(
+        "-o", "--output", help="PNG to write (default: curves.png beside the history)"
+    )
+
+    benchmark = commands.add_parser(
+        "benchmark",
+        help="throughput of the input pipeline, the compiled train step, the forward pass and "
+        "both together, optionally against Keras; swept options take several values",
+        formatter_class=_DefaultsShown,
+    )
+    _add_benchmark_flags(benchmark)
     return parser
 
 
@@ -243,9 +333,9 @@ def _convert(args: argparse.Namespace) -> None:
 
 
 def _convert_classifier(path: str, out: str) -> None:
-    from mnist_flax import convert
+    from mnist_flax import convert, keras_classifier
 
-    model = convert.classifier_from_keras(convert.load_keras_model(path))
+    model = keras_classifier.classifier_from_keras(keras_classifier.load_keras_model(path))
     kind = convert.classifier_kind(model)
     convert.save_classifier(model, out, model_name=kind, source=str(path))
     print(
@@ -255,7 +345,31 @@ def _convert_classifier(path: str, out: str) -> None:
     )
 
 
-COMMANDS = {"train": _train, "seeds": _seeds, "evaluate": _evaluate, "convert": _convert}
+def _plot(args: argparse.Namespace) -> None:
+    from mnist_flax import plotting
+
+    source = pathlib.Path(args.history)
+    default = (source if source.is_dir() else source.parent) / "curves.png"
+    written = plotting.plot_history(
+        plotting.load_history(source), pathlib.Path(args.output) if args.output else default
+    )
+    print(f"wrote {written}")
+
+
+def _benchmark(args: argparse.Namespace) -> None:
+    from mnist_flax import benchmark
+
+    benchmark.report(args)
+
+
+COMMANDS = {
+    "train": _train,
+    "seeds": _seeds,
+    "evaluate": _evaluate,
+    "convert": _convert,
+    "plot": _plot,
+    "benchmark": _benchmark,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,8 +18,9 @@ from typing import Any
 # MobileNetV2's smallest input side (five stride-2 stages leave 1x1 at 32 px).
 MIN_IMAGE_SIZE = 32
 DTYPES = ("float32", "bfloat16")
-# "auto": "taps" on the CPU backend, "conv" on GPU/TPU (see mobilenet_v2.py).
-DEPTHWISE_IMPLS = ("auto", "conv", "taps")
+# How convolutions are computed (`convolutions.py`): "xla", XLA's native convolutions; "cpu", the
+# forms XLA:CPU runs fast; "auto": "cpu" on the CPU backend, "xla" on GPU/TPU.
+CONV_IMPLS = ("auto", "xla", "cpu")
 # "host": tf.data resizes the digits; "device": uint8 digits are shipped and the jitted step resizes;
 # "auto": device on GPU/TPU, host on the CPU (where both run on the same cores and host is faster).
 RESIZE_PLACES = ("host", "device")
@@ -40,15 +41,24 @@ DIGIT_SIZE = 28
 # MobileNetV2's inverted residual blocks: block_id 0..16 (Keras names block 0 "expanded_conv").
 NUM_BLOCKS = 17
 # A run's two stages: --epochs with the whole backbone frozen, then --fine-tune-epochs in which the
-# layers from --fine-tune-from on train too.
-STAGES = ("frozen", "fine-tune")
+# layers from --fine-tune-from on train too. history.json records each epoch's stage by these names.
+FROZEN_STAGE = "frozen"
+FINE_TUNE_STAGE = "fine-tune"
+STAGES = (FROZEN_STAGE, FINE_TUNE_STAGE)
 # Which checkpoint of a run `mnist-flax evaluate` restores: "best" by validation accuracy (a run
 # with --validation-split), "latest", or "auto": best where there is a validation split, else latest.
 EVALUATE_CHECKPOINTS = ("auto", "best", "latest")
+# What `mnist-flax benchmark` can measure (`benchmark.py`), and what it measures unless told.
+MEASUREMENTS = ("pipeline", "step", "forward", "end-to-end", "cache")
+DEFAULT_MEASUREMENTS = ("pipeline", "step", "forward", "end-to-end")
 
 
 class ConfigError(ValueError):
     """An invalid training option (named by its command-line flag)."""
+
+
+class ModelConfigError(ValueError):
+    """An invalid MobileNetV2 option (alpha, pooling, conv_impl, input size...)."""
 
 
 def block_keras_prefix(block_id: int) -> str:
@@ -135,11 +145,13 @@ class TrainConfig:
         "model",
         "imagenet | none (random) | PATH.h5 (Keras weights) | DIR (from `mnist-flax convert`)",
     )
-    depthwise: str = _option(
+    conv_impl: str = _option(
         "auto",
         "model",
-        "convolution implementation (auto: taps on CPU, conv on GPU/TPU)",
-        choices=DEPTHWISE_IMPLS,
+        "how convolutions are computed, with the same results: xla (XLA's native convolutions) "
+        "or cpu (matrix products and multiply-adds, the fast forms on a CPU); auto: cpu on the "
+        "CPU backend, xla on GPU/TPU",
+        choices=CONV_IMPLS,
     )
     dtype: str = _option(
         "float32", "model", "backbone compute dtype (parameters stay float32)", choices=DTYPES
@@ -278,13 +290,13 @@ class TrainConfig:
                 f"--cache-budget-mb must be at least 0, got {self.cache_budget_mb}",
             ),
         ]
-        for name in ("model", "dtype", "depthwise", "resize", "cache_features", "lr_schedule"):
+        for name in ("model", "dtype", "conv_impl", "resize", "cache_features", "lr_schedule"):
             choices = fields()[name].metadata["choices"]
             value = getattr(self, name)
             checks.append(
                 (
                     value in choices,
-                    f"--{name} must be one of {', '.join(choices)}, got {value!r}",
+                    f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, got {value!r}",
                 )
             )
         for ok, message in checks:
@@ -311,7 +323,7 @@ class TrainConfig:
 
     def stage(self, epoch: int) -> str:
         """The stage (`STAGES`) epoch `epoch` (1-based) belongs to."""
-        return STAGES[0] if epoch <= self.epochs else STAGES[1]
+        return FROZEN_STAGE if epoch <= self.epochs else FINE_TUNE_STAGE
 
     def resolved_workdir(self) -> pathlib.Path:
         return pathlib.Path(self.workdir or os.path.join("runs", self.dataset))

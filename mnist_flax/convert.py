@@ -14,10 +14,9 @@ Weight sources understood:
   by position and the layer's real name as an attribute.
 H5 files are read with h5py only: TensorFlow is never imported on that path.
 
-A whole trained Keras classifier (the notebook's Sequential, or the pipeline model; a live model or a
-`.keras` / full-model `.h5` file, `load_keras_model`, the one path that imports Keras) converts into
-the `TransferClassifier` (`classifier_from_keras`), trained head and adapter included, and is saved
-whole (`save_classifier`), which `--weights DIR` then continues or evaluates.
+The same directory format holds a whole classifier (`save_classifier` / `restore_classifier`, backbone,
+adapter and head), which `--weights DIR` continues or evaluates; converting a whole trained Keras
+classifier into one is `keras_classifier.py`'s.
 """
 
 from __future__ import annotations
@@ -26,11 +25,10 @@ import dataclasses
 import json
 import os
 import pathlib
-import re
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import h5py
 import jax
@@ -38,11 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mnist_flax.config import DIGIT_SIZE, MIN_IMAGE_SIZE
 from mnist_flax.mobilenet_v2 import Conv2D, DepthwiseConv2D, InferenceBatchNorm, MobileNetV2
-
-if TYPE_CHECKING:
-    from mnist_flax.model import TransferClassifier
 
 KERAS_WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/"
 IMAGENET_ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
@@ -51,7 +45,7 @@ CONFIG_FILE = "config.json"
 STATE_DIR = "state"
 
 # Keras variable name -> NNX variable name. Keras 2 calls the depthwise kernel `depthwise_kernel`.
-_KERAS_TO_NNX_VARIABLE = {
+KERAS_TO_NNX_VARIABLE = {
     "kernel": "kernel",
     "depthwise_kernel": "kernel",
     "bias": "bias",
@@ -61,7 +55,7 @@ _KERAS_TO_NNX_VARIABLE = {
     "moving_variance": "var",
 }
 # The Keras variables of each layer kind, in Keras' own order (the order `.weights.h5` stores them in).
-_KERAS_VARIABLES = {
+KERAS_VARIABLES = {
     Conv2D: ("kernel",),
     DepthwiseConv2D: ("kernel",),
     InferenceBatchNorm: ("gamma", "beta", "moving_mean", "moving_variance"),
@@ -99,7 +93,7 @@ def mobilenet_v2_from_keras(
     classifier_activation: str | None = "softmax",
     pooling: str | None = None,
     input_shape: tuple[int, int, int] | None = None,
-    depthwise: str = "auto",
+    conv_impl: str = "auto",
     dtype: jnp.dtype | None = None,
     batch_chunk: int | None = None,
 ) -> MobileNetV2:
@@ -113,12 +107,12 @@ def mobilenet_v2_from_keras(
         (1.0, False, 1000).
     input_shape: (rows, cols, 3); only picks which "imagenet" file to use, as Keras does (rows in 96..224
         and square, else the 224 file). The model itself accepts any size >= 32.
-    classifier_activation, pooling, depthwise, dtype, batch_chunk: see `MobileNetV2`.
+    classifier_activation, pooling, conv_impl, dtype, batch_chunk: see `MobileNetV2`.
     """
     options = dict(
         classifier_activation=classifier_activation,
         pooling=pooling,
-        depthwise=depthwise,
+        conv_impl=conv_impl,
         dtype=dtype,
         batch_chunk=batch_chunk,
     )
@@ -169,14 +163,14 @@ def copy_keras_weights(arrays: KerasArrays, model: MobileNetV2, description: str
                 f"{description}: no weights for layer {layer!r}; it is not a MobileNetV2 file for "
                 f"alpha={model.alpha}, include_top={model.include_top} (pass the options it was saved with)"
             )
-        for keras_name in _KERAS_VARIABLES[type(module)]:
+        for keras_name in KERAS_VARIABLES[type(module)]:
             if keras_name not in arrays[layer]:
                 raise WeightsError(
                     f"{description}: layer {layer!r} has no {keras_name!r} array "
                     f"(it has {sorted(arrays[layer])})"
                 )
             array = arrays[layer][keras_name]
-            target = getattr(module, _KERAS_TO_NNX_VARIABLE[keras_name])
+            target = getattr(module, KERAS_TO_NNX_VARIABLE[keras_name])
             if array.shape != target.shape:
                 raise WeightsError(
                     f"{description}: layer {layer!r} {keras_name} has shape {array.shape} but the "
@@ -198,7 +192,7 @@ def copy_keras_weights(arrays: KerasArrays, model: MobileNetV2, description: str
 # Reading weights.
 
 
-def _variable_name(weight_name: str) -> str:
+def variable_name(weight_name: str) -> str:
     """'block_1_expand/kernel:0' -> 'kernel'; 'expanded_conv_depthwise/depthwise_kernel:0' -> 'depthwise_kernel'."""
     name = weight_name.rsplit("/", 1)[-1]
     return name.removesuffix(":0")
@@ -246,7 +240,7 @@ def _read_legacy_h5(root: h5py.Group, description: str) -> KerasArrays:
         group = root[layer]
         weight_names = [_decode(n) for n in group.attrs.get("weight_names", [])]
         if weight_names:
-            variables = {_variable_name(n): np.asarray(group[n]) for n in weight_names}
+            variables = {variable_name(n): np.asarray(group[n]) for n in weight_names}
             arrays[layer] = _canonical(variables, layer, description)
     return arrays
 
@@ -262,9 +256,9 @@ def _read_keras3_weights_h5(layers: h5py.Group, description: str) -> KerasArrays
     arrays: KerasArrays = {}
     for layer, values in positional.items():
         if layer.startswith(("bn_", "Conv_1_bn")) or layer.endswith("_BN"):
-            names: Iterable[str] = _KERAS_VARIABLES[InferenceBatchNorm]
+            names: Iterable[str] = KERAS_VARIABLES[InferenceBatchNorm]
         elif layer == "predictions":
-            names = _KERAS_VARIABLES[nnx.Linear]
+            names = KERAS_VARIABLES[nnx.Linear]
         else:
             names = ("kernel",)
         if len(values) != len(tuple(names)):
@@ -276,14 +270,14 @@ def _read_keras3_weights_h5(layers: h5py.Group, description: str) -> KerasArrays
     return arrays
 
 
-def _find_mobilenet(model: Any) -> Any:
+def find_mobilenet(model: Any) -> Any:
     """The model itself if it has MobileNetV2's `Conv1` layer, else the first nested model that does."""
     names = {layer.name for layer in model.layers}
     if "Conv1" in names:
         return model
     for layer in model.layers:
         if hasattr(layer, "layers"):
-            found = _find_mobilenet(layer)
+            found = find_mobilenet(layer)
             if found is not None:
                 return found
     return None
@@ -291,7 +285,7 @@ def _find_mobilenet(model: Any) -> Any:
 
 def read_keras_model(model: Any) -> KerasArrays:
     """The weight arrays of a live Keras 3 MobileNetV2 (or of the one nested in `model`), by layer name."""
-    mobilenet = _find_mobilenet(model)
+    mobilenet = find_mobilenet(model)
     if mobilenet is None:
         raise WeightsError(
             f"keras.Model {model.name!r} has no layer named 'Conv1', so it holds no MobileNetV2"
@@ -299,7 +293,7 @@ def read_keras_model(model: Any) -> KerasArrays:
     arrays: KerasArrays = {}
     for layer in mobilenet.layers:
         if layer.weights:
-            variables = {_variable_name(w.path): np.asarray(w.numpy()) for w in layer.weights}
+            variables = {variable_name(w.path): np.asarray(w.numpy()) for w in layer.weights}
             arrays[layer.name] = _canonical(variables, layer.name, f"keras.Model {model.name!r}")
     return arrays
 
@@ -412,7 +406,7 @@ def load_converted(
     """The `MobileNetV2` that `save_converted` wrote to `directory`.
 
     alpha/include_top/classes, when given, must equal the saved ones; `options` (pooling,
-    classifier_activation, depthwise, dtype, batch_chunk) are free, they do not change the
+    classifier_activation, conv_impl, dtype, batch_chunk) are free, they do not change the
     variables.
     """
 
@@ -508,316 +502,6 @@ def restore_classifier(directory: str | os.PathLike, model: Any) -> None:
     nnx.update(model, _read_state(directory, nnx.state(model)))
 
 
-# ----------------------------------------------------------------------------------------------------
-# A whole trained Keras classifier -> `TransferClassifier`: what `mnist-flax convert --keras-model` runs.
-
-# The classifier's own layers (the adapter's Conv2D, the head's Dense): Keras variable -> NNX variable.
-_KERAS_TO_NNX_DENSE_OR_CONV = {"kernel": "kernel", "bias": "bias"}
-# The head's activations we convert: the model returns logits and the loss applies the softmax.
-HEAD_ACTIVATIONS = ("softmax", "linear")
-KERAS_MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
-# What `classifier_from_keras` converts, for the error messages.
-_CLASSIFIER_SHAPES = (
-    "the notebook's [UpSampling2D, Conv2D(3, relu)] or nothing, then a nested "
-    "MobileNetV2(include_top=False), GlobalAveragePooling2D, Dense"
-)
-
-
-def load_keras_model(path: str | os.PathLike) -> Any:
-    """A whole Keras model from a Keras 3 `.keras` file or a legacy full-model `.h5` (`model.save`).
-
-    Imports Keras (and so TensorFlow): only this path needs it. Any file Keras cannot load is a
-    one-line `WeightsError`.
-    """
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise WeightsError(f"Keras model file {path} does not exist")
-    if path.name.endswith(".weights.h5"):
-        raise WeightsError(
-            f"{path} holds weights only (model.save_weights), not a model; pass a file written by "
-            "model.save('model.keras') or model.save('model.h5')"
-        )
-    if path.suffix not in KERAS_MODEL_SUFFIXES:
-        raise WeightsError(
-            f"{path} is not a Keras model file ({', '.join(KERAS_MODEL_SUFFIXES)}); pass a file "
-            "written by model.save('model.keras') or model.save('model.h5')"
-        )
-    import keras  # heavy (TensorFlow): only converting a Keras model file needs it
-
-    try:
-        return keras.models.load_model(path, compile=False)
-    except Exception as err:  # Keras raises ValueError, OSError, zipfile and h5py errors alike
-        reason = " ".join(str(err).split())[:300]
-        raise WeightsError(
-            f"{path} cannot be loaded as a Keras model ({type(err).__name__}: {reason}); pass a "
-            "file written by model.save('model.keras') or model.save('model.h5')"
-        ) from err
-
-
-def classifier_from_keras(keras_model: Any) -> TransferClassifier:
-    """The `TransferClassifier` computing what a live Keras classifier computes, its trained weights copied.
-
-    Converts the Keras notebook's model, `Sequential([InputLayer((28, 28, 1)), UpSampling2D(f),
-    Conv2D(3, (3, 3), padding="same", activation="relu"), MobileNetV2(include_top=False),
-    GlobalAveragePooling2D(), Dense(n, activation="softmax")])`, into the "notebook" model
-    (`NotebookAdapter(f)`, image size 28 f), and the same without UpSampling2D and Conv2D, input
-    (S, S, 3), into the "pipeline" model; Sequential or Functional, the backbone nested as one
-    layer, pooled by its own `pooling="avg"` or by the GlobalAveragePooling2D after it. The
-    structure is read from the layer types, alpha from the backbone's array shapes. The head
-    returns logits: Keras' softmax is the one our loss and `predict` apply. Anything else is a
-    one-line `WeightsError` naming the layer.
-    """
-    from mnist_flax.model import NotebookAdapter, TransferClassifier
-
-    description = f"keras.Model {getattr(keras_model, 'name', keras_model)!r}"
-    parts = _classifier_parts(keras_model, description)
-    arrays = read_keras_model(parts["backbone"])
-    alpha = _backbone_alpha(parts["backbone"], arrays, description)
-    upsampling = parts["upsampling"]
-
-    def build() -> TransferClassifier:
-        backbone = MobileNetV2(alpha=alpha, include_top=False, pooling="avg", rngs=nnx.Rngs(0))
-        adapter = None if upsampling is None else NotebookAdapter(parts["factor"], rngs=nnx.Rngs(0))
-        return TransferClassifier(
-            backbone,
-            parts["classes"],
-            image_size=parts["image_size"],
-            adapter=adapter,
-            rngs=nnx.Rngs(0),
-        )
-
-    model = nnx.eval_shape(build)
-    copy_keras_weights(arrays, model.backbone, description)
-    if model.adapter is not None:
-        _copy_dense_or_conv(parts["conv"], model.adapter.conv, description)
-    _copy_dense_or_conv(parts["dense"], model.head, description)
-    abstract = [
-        "/".join(map(str, path))
-        for path, value in nnx.to_flat_state(nnx.state(model))
-        if isinstance(value.get_value(), jax.ShapeDtypeStruct)
-    ]
-    if abstract:  # a variable the name map does not cover: a bug here, not in the user's model
-        raise AssertionError(f"{description}: no Keras array was copied into {', '.join(abstract)}")
-    return model
-
-
-def classifier_kind(model: TransferClassifier) -> str:
-    """The `--model` a `TransferClassifier` is: "notebook" (it has the adapter) or "pipeline"."""
+def classifier_kind(model: Any) -> str:
+    """The `--model` a `model.TransferClassifier` is: "notebook" (it has the adapter) or "pipeline"."""
     return "pipeline" if model.adapter is None else "notebook"
-
-
-def _classifier_parts(keras_model: Any, description: str) -> dict[str, Any]:
-    """The classifier's layers by role, checked one by one, with its input geometry."""
-    import keras  # the model is a live Keras model: Keras is loaded already
-
-    if not isinstance(keras_model, keras.Model):
-        raise WeightsError(f"{description} is not a keras.Model; pass a Keras model or its file")
-    if isinstance(keras_model, keras.Sequential):
-        operations = list(keras_model.layers)
-    elif hasattr(keras_model, "operations"):
-        # A Functional model: `operations` also holds plain ops (x / 127.5 - 1, ...), which are not
-        # layers but would change what it computes.
-        operations = list(keras_model.operations)
-    else:
-        raise WeightsError(
-            f"{description} is a subclassed keras.Model, whose layers' order is not known; build "
-            f"it as a Sequential or Functional model ({_CLASSIFIER_SHAPES})"
-        )
-    layers = [op for op in operations if not isinstance(op, keras.layers.InputLayer)]
-
-    def unexpected(layer: Any, expected: str) -> WeightsError:
-        return WeightsError(
-            f"{description}: layer {layer.name!r} ({type(layer).__name__}) where {expected} "
-            f"should be; the converter takes {_CLASSIFIER_SHAPES}"
-        )
-
-    parts: dict[str, Any] = {"upsampling": None, "conv": None}
-    queue = list(layers)
-    if queue and isinstance(queue[0], keras.layers.UpSampling2D):
-        parts["upsampling"] = queue.pop(0)
-        if not queue or not isinstance(queue[0], keras.layers.Conv2D):
-            raise WeightsError(
-                f"{description}: UpSampling2D {parts['upsampling'].name!r} is not followed by the "
-                "notebook's Conv2D(3, (3, 3), padding='same', activation='relu')"
-            )
-        parts["conv"] = queue.pop(0)
-    if not queue:
-        raise WeightsError(
-            f"{description} has no MobileNetV2 backbone; it must be {_CLASSIFIER_SHAPES}"
-        )
-    backbone = queue.pop(0)
-    if not hasattr(backbone, "layers") or _find_mobilenet(backbone) is not backbone:
-        raise unexpected(backbone, "the nested MobileNetV2 backbone")
-    parts["backbone"] = backbone
-    backbone_names = [layer.name for layer in backbone.layers]
-    if "predictions" in backbone_names:
-        raise WeightsError(
-            f"{description}: backbone {backbone.name!r} has its ImageNet top (include_top=True); "
-            "the converter takes MobileNetV2(include_top=False) followed by the classifier's Dense"
-        )
-    last = backbone.layers[-1]
-    pooled = isinstance(last, keras.layers.GlobalAveragePooling2D)
-    if not pooled and last.name != "out_relu":
-        raise WeightsError(
-            f"{description}: backbone {backbone.name!r} ends in {last.name!r} "
-            f"({type(last).__name__}); only average pooling converts (pooling=None or 'avg')"
-        )
-    if not pooled:
-        if not queue or not isinstance(queue[0], keras.layers.GlobalAveragePooling2D):
-            raise (
-                unexpected(queue[0], "GlobalAveragePooling2D")
-                if queue
-                else WeightsError(
-                    f"{description} ends at the backbone: no pooling and no Dense head"
-                )
-            )
-        _check_config(
-            queue.pop(0), {"data_format": "channels_last", "keepdims": False}, description
-        )
-    if not queue:
-        raise WeightsError(f"{description} has no Dense head after the backbone's pooling")
-    dense = queue.pop(0)
-    if not isinstance(dense, keras.layers.Dense):
-        raise unexpected(dense, "the Dense head")
-    activation = dense.get_config()["activation"]
-    if activation not in HEAD_ACTIVATIONS:
-        raise WeightsError(
-            f"{description}: Dense head {dense.name!r} has activation {activation!r}; only "
-            f"{' or '.join(HEAD_ACTIVATIONS)} (logits) convert"
-        )
-    _check_config(dense, {"use_bias": True}, description)
-    if queue:
-        raise unexpected(queue[0], "nothing (the Dense head is the last layer)")
-    parts["dense"] = dense
-    parts["classes"] = int(dense.get_config()["units"])
-    parts.update(_input_geometry(keras_model, parts, description))
-    return parts
-
-
-def _check_config(layer: Any, expected: Mapping[str, Any], description: str) -> None:
-    """Every `expected` setting of the layer's `get_config()` (tuples compared as lists)."""
-    config = layer.get_config()
-    for key, value in expected.items():
-        got = config.get(key)
-        if (list(got) if isinstance(got, (tuple, list)) else got) != (
-            list(value) if isinstance(value, tuple) else value
-        ):
-            raise WeightsError(
-                f"{description}: layer {layer.name!r} ({type(layer).__name__}) has {key}={got!r}; "
-                f"the converter needs {key}={value!r}"
-            )
-
-
-def _input_geometry(keras_model: Any, parts: dict[str, Any], description: str) -> dict[str, int]:
-    """image_size (and the notebook's upsampling factor) from the model's input and UpSampling2D."""
-    try:
-        shape = tuple(keras_model.inputs[0].shape)[1:]
-    except (AttributeError, IndexError, TypeError, ValueError):
-        shape = None
-    if shape is None or None in shape:
-        raise WeightsError(
-            f"{description} has no fixed input shape ({shape}); build it with an input such as "
-            "keras.Input((28, 28, 1)) before saving"
-        )
-    if parts["upsampling"] is None:
-        if len(shape) != 3 or shape[0] != shape[1] or shape[2] != 3 or shape[0] < MIN_IMAGE_SIZE:
-            raise WeightsError(
-                f"{description}: the pipeline model takes square RGB images of at least "
-                f"{MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE} (S, S, 3); this one takes {shape}"
-            )
-        return {"image_size": int(shape[0])}
-    upsampling, conv = parts["upsampling"], parts["conv"]
-    config = upsampling.get_config()
-    size = tuple(config["size"])
-    if len(set(size)) != 1:
-        raise WeightsError(
-            f"{description}: UpSampling2D {upsampling.name!r} has size {size}; only a square factor "
-            "(f, f) converts"
-        )
-    _check_config(
-        upsampling, {"interpolation": "nearest", "data_format": "channels_last"}, description
-    )
-    _check_config(
-        conv,
-        {
-            "filters": 3,
-            "kernel_size": (3, 3),
-            "strides": (1, 1),
-            "padding": "same",
-            "dilation_rate": (1, 1),
-            "groups": 1,
-            "activation": "relu",
-            "use_bias": True,
-            "data_format": "channels_last",
-        },
-        description,
-    )
-    if shape != (DIGIT_SIZE, DIGIT_SIZE, 1):
-        raise WeightsError(
-            f"{description}: the notebook model takes {DIGIT_SIZE}x{DIGIT_SIZE}x1 digits "
-            f"(InputLayer(({DIGIT_SIZE}, {DIGIT_SIZE}, 1))); this one takes {shape}"
-        )
-    factor = int(size[0])
-    if DIGIT_SIZE * factor < MIN_IMAGE_SIZE:
-        raise WeightsError(
-            f"{description}: UpSampling2D {upsampling.name!r} by {factor} gives "
-            f"{DIGIT_SIZE * factor} px, below MobileNetV2's {MIN_IMAGE_SIZE}"
-        )
-    return {"image_size": DIGIT_SIZE * factor, "factor": factor}
-
-
-def _backbone_alpha(backbone: Any, arrays: KerasArrays, description: str) -> float:
-    """The width multiplier whose MobileNetV2 has exactly these arrays' shapes.
-
-    Keras names the model `mobilenetv2_<alpha>_<rows>`; that alpha is tried first, then every alpha
-    Keras ships (a renamed model still converts). Shapes decide, so a wrong name cannot mislead.
-    """
-    candidates = list(IMAGENET_ALPHAS)
-    named = re.fullmatch(r"mobilenetv2_(\d+\.\d+)_\w+", str(backbone.name))
-    if named:
-        candidates.insert(0, float(named.group(1)))
-    shapes = {
-        (layer, name): tuple(array.shape)
-        for layer, variables in arrays.items()
-        for name, array in variables.items()
-    }
-    for alpha in candidates:
-        abstract = nnx.eval_shape(
-            lambda alpha=alpha: MobileNetV2(alpha=alpha, include_top=False, rngs=nnx.Rngs(0))
-        )
-        expected = {
-            (layer, keras_name): tuple(getattr(module, _KERAS_TO_NNX_VARIABLE[keras_name]).shape)
-            for layer, module in abstract.keras_layers().items()
-            for keras_name in _KERAS_VARIABLES[type(module)]
-        }
-        if expected == shapes:
-            return alpha
-    raise WeightsError(
-        f"{description}: backbone {backbone.name!r} is not a MobileNetV2 (include_top=False) of any "
-        f"alpha Keras ships ({', '.join(map(str, IMAGENET_ALPHAS))}): its arrays' names or shapes differ"
-    )
-
-
-def _copy_dense_or_conv(layer: Any, module: Any, description: str) -> None:
-    """A Keras Dense/Conv2D's kernel and bias into an nnx.Linear/nnx.Conv (same layouts), shapes checked."""
-    arrays = {_variable_name(weight.path): np.asarray(weight.numpy()) for weight in layer.weights}
-    unvisited = set(arrays)
-    for keras_name, nnx_name in _KERAS_TO_NNX_DENSE_OR_CONV.items():
-        if keras_name not in arrays:
-            raise WeightsError(
-                f"{description}: layer {layer.name!r} has no {keras_name!r} array "
-                f"(it has {sorted(arrays)})"
-            )
-        target = getattr(module, nnx_name)
-        if arrays[keras_name].shape != target.shape:
-            raise WeightsError(
-                f"{description}: layer {layer.name!r} {keras_name} has shape "
-                f"{arrays[keras_name].shape}, the converted model needs {target.shape}"
-            )
-        target.set_value(jnp.asarray(arrays[keras_name], dtype=target.dtype))
-        unvisited.remove(keras_name)
-    if unvisited:
-        raise WeightsError(
-            f"{description}: layer {layer.name!r} has arrays the converter does not know: "
-            f"{', '.join(sorted(unvisited))}"
-        )

@@ -17,7 +17,8 @@ from flax import nnx
 
 from mnist_flax import checkpoints, convert, input_pipeline, plotting, runtime
 from mnist_flax.config import EVALUATE_CHECKPOINTS, ConfigError, TrainConfig
-from mnist_flax.model import TransferClassifier, create_model, resolve_resize, trainable_filter
+from mnist_flax.freezing import trainable_filter
+from mnist_flax.model import TransferClassifier, create_model, resolve_resize
 from mnist_flax.steps import StepRunner, make_metrics
 
 

@@ -602,10 +602,10 @@ def make_batches(
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=True,
         )
-    # No autotuning thread: deleting an iterator waits for that thread to wake up, which after
-    # an epoch took 8-9 s in about half the runs, TensorFlow holding the GIL meanwhile (the whole
-    # process stalled between an epoch and its evaluation). Without it, AUTOTUNE keeps its
-    # starting values: a map on min(16, cores) threads and a prefetch buffer of its first size.
+    # No autotuning thread: deleting an iterator waits for that thread to wake up, with the GIL
+    # held, which stalled whole runs between an epoch and its evaluation (docs/benchmarks.md).
+    # Without it, AUTOTUNE keeps its starting values: a map on min(16, cores) threads and a
+    # prefetch buffer of its first size.
     options = tf.data.Options()
     options.autotune.enabled = False
     return batches.prefetch(tf.data.AUTOTUNE).with_options(options)

@@ -1,7 +1,7 @@
 """Figures of a run: training curves (the Keras tutorial's plot), confusion matrix, misclassified digits.
 
-`main` is `scripts/plot.py`: the curves of any history.json, the same figure `mnist-flax train`
-draws at the end of a run.
+`mnist-flax plot` draws the curves of any history.json: the same figure `mnist-flax train` draws at
+the end of a run.
 
 Drawn with Matplotlib's object API (`Figure`, no pyplot), so nothing depends on or changes the
 global backend: this works the same in a terminal, a test and a notebook. Every figure has a fixed
@@ -10,12 +10,10 @@ size in pixels (`figsize * DPI`).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import pathlib
-import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -184,26 +182,3 @@ def _save(figure: Figure, path: str | os.PathLike) -> pathlib.Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=DPI)
     return path
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`scripts/plot.py WORKDIR_OR_HISTORY_JSON [-o PNG]`; returns the exit status (2: bad input)."""
-    parser = argparse.ArgumentParser(
-        prog="scripts/plot.py",
-        description="Draws a run's training curves (accuracy and loss) from its history.json.",
-    )
-    parser.add_argument("history", help="a workdir of `mnist-flax train`, or its history.json")
-    parser.add_argument(
-        "-o", "--output", help="PNG to write (default: curves.png beside the history)"
-    )
-    args = parser.parse_args(argv)
-    source = pathlib.Path(args.history)
-    default = (source if source.is_dir() else source.parent) / "curves.png"
-    output = pathlib.Path(args.output) if args.output else default
-    try:
-        written = plot_history(load_history(source), output)
-    except HistoryError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"wrote {written}")
-    return 0

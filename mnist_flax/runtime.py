@@ -39,10 +39,8 @@ def freeze_for_exit() -> None:
     """Spares the interpreter's last garbage collection every object alive now (`gc.freeze`).
 
     For a process about to exit: TensorFlow's and JAX's modules hold millions of objects, and the
-    collection Python runs at exit walks every one. `python -c "import tensorflow"` spent 0.87 s
-    after its last line, 0.09 s with this; a 64-image `mnist-flax train` run 1.1-1.7 s, 0.4-0.7 s
-    with this (which includes writing curves.png; 2-core CPU). Not for a process that goes on:
-    a frozen object is never collected.
+    collection Python runs at exit walks every one (what that costs: docs/benchmarks.md,
+    "Start-up"). Not for a process that goes on: a frozen object is never collected.
     """
     gc.freeze()
 
@@ -52,9 +50,8 @@ def import_tensorflow():
 
     TensorFlow imports `keras.src.optimizers` at start-up, whole Keras with it, only so that Keras'
     optimizers register with SavedModel (b/196254385), and passes on an ImportError. This project
-    uses TensorFlow for tf.data and tfds, which need no Keras; skipping it takes `import
-    mnist_flax.train` from 3.56 to 3.33 s (median of 3, 2-core CPU; `python -X importtime` shows
-    where the rest goes). `keras` is hidden while TensorFlow loads and nothing else: a later
+    uses TensorFlow for tf.data and tfds, which need no Keras, so it skips that import
+    (docs/benchmarks.md, "Start-up"). `keras` is hidden while TensorFlow loads and nothing else: a later
     `import keras` (or `tf.keras`) loads it as usual. Where Keras or TensorFlow is loaded already,
     this is a plain import.
     """

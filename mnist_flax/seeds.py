@@ -1,4 +1,4 @@
-"""The spread of one recipe over seeds (`mnist-flax seeds`): what the README's accuracy claims rest on.
+"""The spread of one recipe over seeds (`mnist-flax seeds`): what the accuracy figures of docs/results.md rest on.
 
 A single run's last-epoch accuracy is one sample of a noisy quantity (the head's initialisation and
 the data order both come from `--seed`). `run_seeds` trains the same configuration once per seed,

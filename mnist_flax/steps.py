@@ -15,7 +15,8 @@ guide (docs_nnx/guides/performance.md): each object is `nnx.split` once into a s
 a state pytree, and each step is a plain `jax.jit` function of those states that `nnx.merge`s the
 objects, runs the NNX code and returns the new states. A call is then an ordinary jitted call with
 no Python walk over the object graph (`nnx.jit` walks MobileNetV2's 262 variables on every call;
-`nnx.cached_partial` caches that walk; `scripts/runner_overhead.py` measures all three).
+`nnx.cached_partial` caches that walk; `benchmarks/runner_overhead.py` measures all three, and
+docs/benchmarks.md has the figures).
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from mnist_flax import parallel
-from mnist_flax.model import TransferClassifier, trained_filter
+from mnist_flax.config import FROZEN_STAGE
+from mnist_flax.freezing import trained_filter
+from mnist_flax.model import TransferClassifier
 
 Batch = dict[str, Any]
 
@@ -55,13 +58,18 @@ def per_example_loss(model: TransferClassifier, batch: Batch) -> tuple[jax.Array
 
 
 def train_step(
-    model: TransferClassifier, optimizer: nnx.Optimizer, metrics: nnx.MultiMetric, batch: Batch
+    model: TransferClassifier,
+    optimizer: nnx.Optimizer,
+    metrics: nnx.MultiMetric,
+    batch: Batch,
+    stage: str,
 ) -> None:
-    """One optimizer step on one batch; updates model, optimizer and metrics in place."""
+    """One optimizer step of `stage` (`config.STAGES`, the one `optimizer` was made for) on one
+    batch; updates model, optimizer and metrics in place."""
     # Only what the stage trains is differentiated; the frozen parameters get zero gradients,
     # which `set_to_zero` ignores. (Asking for every gradient gives the same update, XLA deleting
-    # the unused ones, and measured the same speed; this way the step never asks for them.)
-    graphdef, trained, rest = nnx.split(model, trained_filter(model, optimizer.stage), ...)
+    # the unused ones; this way the step never asks for them.)
+    graphdef, trained, rest = nnx.split(model, trained_filter(model, stage), ...)
 
     def summed_loss(trained, batch):
         losses, logits = per_example_loss(nnx.merge(graphdef, trained, rest), batch)
@@ -140,6 +148,9 @@ class StepRunner:
 
     The runner owns the state: the NNX objects' arrays are stale (donated) while it runs. `sync()`
     writes the current state back into them, e.g. before a checkpoint is saved.
+
+    `stage` (`config.STAGES`): the stage `optimizer` belongs to (`freezing.make_optimizer`), which
+    says what `train` differentiates.
     """
 
     def __init__(
@@ -148,10 +159,11 @@ class StepRunner:
         optimizer: nnx.Optimizer | None,
         metrics: nnx.MultiMetric,
         *,
+        stage: str = FROZEN_STAGE,
         mesh: Mesh | None = None,
     ):
         self.mesh = mesh if mesh is not None else parallel.data_mesh(jax.devices()[:1])
-        self.model, self.optimizer, self.metrics = model, optimizer, metrics
+        self.model, self.optimizer, self.metrics, self.stage = model, optimizer, metrics, stage
         self.model_def, model_state = nnx.split(model)
         # Evaluation needs no optimizer (None): then `train` is not available.
         self.optimizer_def, optimizer_state = nnx.split(optimizer)
@@ -175,7 +187,7 @@ class StepRunner:
         model = nnx.merge(self.model_def, model_state)
         optimizer = nnx.merge(self.optimizer_def, optimizer_state)
         metrics = nnx.merge(self.metrics_def, metrics_state)
-        train_step(model, optimizer, metrics, batch)
+        train_step(model, optimizer, metrics, batch, self.stage)
         return nnx.state(model), nnx.state(optimizer), nnx.state(metrics)
 
     def _eval_fn(self, model_state, metrics_state, batch):

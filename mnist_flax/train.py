@@ -2,8 +2,8 @@
 
 This module owns the order of a run: load the splits, refuse a workdir of another run, build the
 model (`model.py`), resume from the latest checkpoint, then per stage (frozen, then optionally
-fine-tuning) the stage's optimizer, the cache of what its frozen layers compute where that is exact,
-and per epoch a train pass and a test pass through the `StepRunner` (`steps.py`), a line of
+fine-tuning) the stage's optimizer, what its epochs run on (images, or what its frozen layers compute,
+cached: `feature_cache.py`), and per epoch a train pass and a test pass through the `StepRunner` (`steps.py`), a line of
 progress, history.json and an Orbax checkpoint (`checkpoints.py`); at the end curves.png
 (`plotting.py`). Ctrl-C stops after the last complete epoch's checkpoint.
 
@@ -31,16 +31,10 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from mnist_flax import checkpoints, input_pipeline, parallel, plotting, runtime
-from mnist_flax.config import STAGES, TrainConfig, fine_tune_layer
-from mnist_flax.feature_cache import FeatureCache
-from mnist_flax.mobilenet_v2 import NUM_UNITS
-from mnist_flax.model import (
-    create_model,
-    learning_rate_schedule,
-    make_optimizer,
-    resolve_resize,
-    trainable_filter,
-)
+from mnist_flax.config import FINE_TUNE_STAGE, FROZEN_STAGE, TrainConfig, fine_tune_layer
+from mnist_flax.feature_cache import Caching, FeatureCache
+from mnist_flax.freezing import learning_rate_schedule, make_optimizer, trainable_filter
+from mnist_flax.model import create_model, resolve_resize
 from mnist_flax.steps import StepRunner, make_metrics, prefetch_to_device
 
 # How often the progress bar reads the running loss and accuracy back from the device. Each read
@@ -115,7 +109,7 @@ def train_and_evaluate(config: TrainConfig, *, feature_cache: FeatureCache | Non
     # Each stage's learning rate at each of its optimizer steps (Adam's count restarts with the
     # stage's new optimizer).
     schedules = {
-        STAGES[0]: learning_rate_schedule(
+        FROZEN_STAGE: learning_rate_schedule(
             config.lr_schedule,
             config.learning_rate,
             epochs=config.epochs,
@@ -124,7 +118,7 @@ def train_and_evaluate(config: TrainConfig, *, feature_cache: FeatureCache | Non
         )
     }
     if config.fine_tune_epochs:
-        schedules[STAGES[1]] = learning_rate_schedule(
+        schedules[FINE_TUNE_STAGE] = learning_rate_schedule(
             config.lr_schedule,
             config.fine_tune_learning_rate,
             epochs=config.fine_tune_epochs,
@@ -158,12 +152,12 @@ def train_and_evaluate(config: TrainConfig, *, feature_cache: FeatureCache | Non
                 # In place: Adam's moments and the schedule's position (Adam's step count)
                 # continue where the checkpoint left them.
                 nnx.update(optimizer, restored.optimizer)
-            return StepRunner(model, optimizer, make_metrics(), mesh=mesh)
+            return StepRunner(model, optimizer, make_metrics(), stage=stage, mesh=mesh)
 
         def learning_rate(epoch: int) -> float:
             """The rate of the epoch's last step."""
             stage = config.stage(epoch)
-            steps = (epoch if stage == STAGES[0] else epoch - config.epochs) * steps_per_epoch
+            steps = (epoch if stage == FROZEN_STAGE else epoch - config.epochs) * steps_per_epoch
             return float(schedules[stage](steps - 1))
 
         epochs = _EpochLoop(
@@ -227,6 +221,14 @@ class _EpochLoop:
         self.resize = resolve_resize(self.config.resize, self.config.model)
         self.runner: StepRunner | None = None  # the current stage's (`run`)
         self.mesh = None  # the runner's
+        self.caching = Caching(
+            self.config,
+            self.feature_cache,
+            self.batches,
+            say=_say,
+            show_progress=self.show_progress,
+            check_stop=self.stop_if_requested,
+        )
 
     def batches(self, split: input_pipeline.Split, shuffle_seed: int | None):
         return input_pipeline.make_batches(
@@ -241,7 +243,8 @@ class _EpochLoop:
         """The remaining epochs of every stage over `splits` ("train", "test", maybe "validation")."""
         with _ctrl_c_between_batches(self):
             config = self.config
-            for stage, last in ((STAGES[0], config.epochs), (STAGES[1], config.total_epochs)):
+            stages = ((FROZEN_STAGE, config.epochs), (FINE_TUNE_STAGE, config.total_epochs))
+            for stage, last in stages:
                 # A finished stage: nothing to train, nothing to cache or say about caching.
                 if len(self.history) < last:
                     self.runner = self.runner_for(stage)
@@ -251,9 +254,9 @@ class _EpochLoop:
                     self.runner.sync()
 
     def run_stage(self, stage: str, last: int, splits: dict[str, input_pipeline.Split]) -> None:
-        """The stage's epochs up to `last`, on cached inputs where `inputs_for` allows."""
+        """The stage's epochs up to `last`, on cached inputs where `Caching.inputs_for` allows."""
         config = self.config
-        inputs, splits = self.inputs_for(stage, splits)
+        inputs, splits = self.caching.inputs_for(stage, self.runner, splits)
         evaluated = [role for role in ("validation", "test") if role in splits]
         epoch = len(self.history)
         try:
@@ -335,150 +338,6 @@ class _EpochLoop:
             metrics = runner.read_metrics()
         return metrics, examples / (time.perf_counter() - start)
 
-    def inputs_for(
-        self, stage: str, splits: dict[str, input_pipeline.Split]
-    ) -> tuple[str, dict[str, input_pipeline.Split]]:
-        """What the stage's epochs run on ("images", or cached inputs), and the splits holding it.
-
-        Caching is exact where every layer before the cached point is frozen and deterministic
-        (BatchNorm uses running statistics) and no augmentation changes an image from one epoch to
-        the next, so every epoch would compute the same values. The frozen stage caches the
-        backbone's pooled features (the epochs train the head alone); the fine-tuning stage
-        caches the activation entering the fine-tuned layers (the epochs run only those layers
-        and the head). The notebook model's adapter trains in front of the backbone, so nothing
-        after it can be cached. `--cache-features auto` caches when the cache fits
-        `--cache-budget-mb`; "always" whenever it is exact.
-        """
-        model, mode = self.runner.model, self.config.cache_features
-        what = "backbone features" if stage == STAGES[0] else "fine-tuned layers' input"
-        if mode == "never":
-            return "images", splits
-        if model.adapter is not None:
-            _say(
-                f"not caching the {what}: the notebook model's adapter trains in front of the "
-                "backbone, so they change with every step; the epochs run on images"
-            )
-            return "images", splits
-        if stage == STAGES[1] and model.cut == 0:
-            _say(
-                f"not caching the {what}: fine-tuning from {model.fine_tune_from} trains the "
-                "whole backbone, so no frozen layer comes before it; the epochs run on images"
-            )
-            return "images", splits
-        shape = self.cached_shape(stage, splits["train"])
-        examples = sum(split.max_process_examples for split in splits.values())
-        megabytes = examples * math.prod(shape) * 4 / 2**20  # float32
-        size = f"{examples} x {' x '.join(map(str, shape))} float32, {megabytes:,.0f} MB"
-        if mode == "auto" and megabytes > self.config.cache_budget_mb:
-            _say(
-                f"not caching the {what}: {size} is over --cache-budget-mb "
-                f"{self.config.cache_budget_mb}; the epochs run on images"
-            )
-            return "images", splits
-        start = time.perf_counter()
-        keys = self.cache_keys(stage, splits)
-        found = {role: self.cached(stage, split, keys[role]) for role, split in splits.items()}
-        splits = {role: split for role, (split, _) in found.items()}
-        names = ", ".join(split.name for split in splits.values())
-        computed = [splits[role].name for role, (_, where) in found.items() if where is None]
-        directory = self.feature_cache.directory
-        if computed:
-            seconds = f"{time.perf_counter() - start:.1f} s"
-            if len(computed) < len(splits):
-                seconds += f" for {', '.join(computed)}, the rest cached by an earlier run"
-            kept = f", kept in {directory}" if directory is not None else ""
-            _say(f"cached the {what} of {names}: {size} ({seconds}){kept}")
-        else:
-            origin = (
-                "" if {where for _, where in found.values()} == {"memory"} else f" ({directory})"
-            )
-            _say(f"reusing the {what} of {names} cached by an earlier run{origin}: {size}")
-        return ("cached features" if stage == STAGES[0] else "cached activations"), splits
-
-    def cached_shape(self, stage: str, split: input_pipeline.Split) -> tuple[int, ...]:
-        """The shape of one example's cached values in `stage` (from the jitted function's shape)."""
-        spec = self.batches(split, None).element_spec["image"]
-        # A whole global batch: the jitted function splits its rows over the mesh.
-        shape = (self.config.batch_size, *spec.shape[1:])
-        image = jax.ShapeDtypeStruct(shape, spec.dtype.as_numpy_dtype)
-        compute = self.runner.features if stage == STAGES[0] else self.runner.cut_activations
-        return tuple(jax.eval_shape(compute, image).shape[1:])
-
-    def cache_keys(self, stage: str, splits: dict[str, input_pipeline.Split]) -> dict[str, str]:
-        """Each split's `FeatureCache.key`: the frozen layers (every backbone layer before the
-        cached point), how they run, and the split's examples."""
-        model = self.runner.model
-        backbone = model.backbone
-        stop = NUM_UNITS if stage == STAGES[0] else model.cut
-        frozen = [
-            module
-            for name, module in backbone.keras_layers().items()
-            if name != "predictions" and backbone.unit_of_layer(name) < stop
-        ]
-        parameters = FeatureCache.parameters_digest(frozen)
-        config = self.config
-        settings = {
-            "values": "features" if stage == STAGES[0] else "activations",
-            # With a fine-tuning stage, the features are computed in two parts (`features`).
-            "cut": model.cut,
-            "image_size": config.image_size,
-            "dtype": config.dtype,
-            "depthwise": config.depthwise,
-            "resize": self.resize,
-            "batch_size": self.batch_size,
-            "devices": jax.device_count(),
-            "process": [jax.process_index(), jax.process_count()],
-        }
-        return {
-            role: self.feature_cache.key(split, parameters, settings)
-            for role, split in splits.items()
-        }
-
-    def cached(
-        self, stage: str, split: input_pipeline.Split, key: str
-    ) -> tuple[input_pipeline.Split, str | None]:
-        """`split` on its cached values, and where they were found (None: computed now)."""
-        found = self.feature_cache.load(key, split)
-        if found is None:
-            arrays, where = self.cache(stage, split), None
-            self.feature_cache.store(key, arrays)
-        else:
-            arrays, where = found
-        return input_pipeline.with_examples(split, arrays), where
-
-    def cache(self, stage: str, split: input_pipeline.Split) -> dict[str, np.ndarray]:
-        """What the frozen layers make of every image of `split`, and its labels, in its order.
-
-        Computed by the same jitted layers as the end-to-end step, in the split's own order, so
-        the epochs shuffle the cached values exactly as they would shuffle the images.
-        """
-        name, compute = (
-            ("features", self.runner.features)
-            if stage == STAGES[0]
-            else ("activations", self.runner.cut_activations)
-        )
-        values, labels = [], []
-        batches = self.batches(split, shuffle_seed=None).as_numpy_iterator()
-        num_steps = math.ceil(split.max_process_examples / self.batch_size)
-        with tqdm(
-            total=num_steps,
-            desc=f"caching {split.name} {name}",
-            unit="step",
-            leave=False,
-            disable=not self.show_progress,
-        ) as bar:
-            place = lambda batch: (batch, parallel.shard_batch(batch, self.mesh))  # noqa: E731
-            for host, device in prefetch_to_device(batches, place=place):
-                real = host["mask"]
-                # Each row comes back from the device (so the process) that holds its image.
-                rows = parallel.local_rows(compute(device["image"]), self.mesh)
-                # bfloat16 -> float32 is exact, and the next layer casts back to its dtype.
-                values.append(rows[real].astype(np.float32))
-                labels.append(host["label"][real])
-                bar.update(1)
-                self.stop_if_requested()
-        return {name: np.concatenate(values), "label": np.concatenate(labels)}
-
     def save(self, epoch: int, record: dict) -> None:
         """Appends the epoch's record, saves its checkpoint and rewrites history.json."""
         runner = self.runner
@@ -554,7 +413,7 @@ def _summary_line(record: dict, epochs: int, images_per_second: float, inputs: s
         for role in ("validation", "test")
         if f"{role}_loss" in record
     )
-    stage = "  fine-tune" if record["stage"] == STAGES[1] else ""
+    stage = "  fine-tune" if record["stage"] == FINE_TUNE_STAGE else ""
     return (
         f"epoch {record['epoch']:>{len(str(epochs))}}/{epochs}{stage}  "
         f"lr {record['learning_rate']:.2e}  "

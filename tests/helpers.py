@@ -80,7 +80,7 @@ def tiny_model(
     num_classes: int = 4,
     *,
     dtype: str = "float32",
-    depthwise: str = "auto",
+    conv_impl: str = "auto",
     model: str = "pipeline",
     fine_tune_from: str | None = None,
 ) -> TransferClassifier:
@@ -90,7 +90,7 @@ def tiny_model(
         alpha=0.35,
         weights="none",
         dtype=dtype,
-        depthwise=depthwise,
+        conv_impl=conv_impl,
         model=model,
         fine_tune_epochs=0 if fine_tune_from is None else 1,
         fine_tune_from=fine_tune_from or TrainConfig.fine_tune_from,

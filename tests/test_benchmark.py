@@ -1,4 +1,4 @@
-"""The benchmark: its protocol (warm-up excluded, interleaved) and tiny end-to-end runs of `main`.
+"""The benchmark: its protocol (warm-up excluded, interleaved) and tiny runs of `mnist-flax benchmark`.
 
 No timing thresholds: a shared 2-core machine makes any figure noisy. The runs check that every
 measurement is present and is a positive, finite number, in the printed table and in the JSON file.
@@ -6,15 +6,11 @@ measurement is present and is a positive, finite number, in the printed table an
 
 import json
 import math
-import pathlib
-import runpy
-import sys
 
 import pytest
 
-from mnist_flax import benchmark
+from mnist_flax import benchmark, cli
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["--image-size", "32", "--steps", "2", "--repeats", "2", "--warmup", "1"]
 TINY += ["--pipeline-batches", "2"]
 OUR_MEASUREMENTS = ("pipeline", "step", "forward", "end-to-end")
@@ -39,6 +35,11 @@ def assert_positive_finite(tree) -> None:
     found = numbers(tree)
     assert found
     assert all(math.isfinite(n) and n > 0 for n in found), tree
+
+
+def run_benchmark(args: list[str]) -> dict:
+    """`mnist-flax benchmark ARGS`, as the command line parses it; returns the results."""
+    return benchmark.report(cli.build_parser().parse_args(["benchmark", *args]))
 
 
 def test_warm_up_is_untimed_and_measurements_interleave():
@@ -76,7 +77,7 @@ def test_the_notebooks_call_measures_everything(tmp_path, capsys):
     json_file = tmp_path / "bench.json"
     notebook_args = ["--batch-size", "8", "--image-size", "32", "--alpha", "0.35"]
     notebook_args += ["--weights", "none", "--steps", "2", "--repeats", "1"]
-    results = benchmark.main([*notebook_args, "--json", str(json_file)])
+    results = run_benchmark([*notebook_args, "--json", str(json_file)])
     saved = json.loads(json_file.read_text())
     assert saved["rows"] == json.loads(json.dumps(results["rows"]))
     assert "synthetic" in saved["data"]
@@ -93,7 +94,7 @@ def test_the_notebooks_call_measures_everything(tmp_path, capsys):
 @pytest.mark.slow
 def test_resize_modes_are_compared(tmp_path, capsys):
     json_file = tmp_path / "bench.json"
-    benchmark.main(
+    run_benchmark(
         [
             *["--batch-size", "4", "--alpha", "0.35", "--weights", "none", *TINY],
             *["--resize", "host", "device", "--json", str(json_file)],
@@ -116,7 +117,7 @@ def test_resize_modes_are_compared(tmp_path, capsys):
 def test_keras_baseline_with_the_shared_weights(tmp_path, mnist_idx_dir, imagenet_h5_keras2):
     weights = imagenet_h5_keras2
     json_file = tmp_path / "bench.json"
-    benchmark.main(
+    run_benchmark(
         [
             *["--batch-size", "2", "--weights", str(weights), "--keras-baseline", *TINY],
             *["--data-dir", str(mnist_idx_dir), "--split", "test"],
@@ -145,7 +146,7 @@ def test_keras_baseline_with_the_shared_weights(tmp_path, mnist_idx_dir, imagene
 @pytest.mark.slow
 def test_cache_measurement_times_both_runs(tmp_path):
     json_file = tmp_path / "bench.json"
-    benchmark.main(
+    run_benchmark(
         [
             *["--batch-size", "8", "--image-size", "32", "--alpha", "0.35", "--weights", "none"],
             *["--measure", "cache", "--epochs", "2", "--cache-examples", "16", "8"],
@@ -168,7 +169,7 @@ def test_notebook_model_is_timed_on_both_sides(tmp_path, capsys):
     """
     json_file = tmp_path / "bench.json"
     tiny = [arg if arg != "32" else "56" for arg in TINY]
-    benchmark.main(
+    run_benchmark(
         [
             *["--model", "notebook", "--batch-size", "2", "--alpha", "0.35", "--weights", "none"],
             *[*tiny, "--keras-baseline", "--json", str(json_file)],
@@ -209,25 +210,20 @@ def test_notebook_model_is_timed_on_both_sides(tmp_path, capsys):
     ],
 )
 def test_notebook_model_rejects_pipeline_only_measures(flags, error, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        benchmark.main(["--model", "notebook", "--weights", "none", *flags])
-    assert exit_info.value.code == 2
+    assert cli.main(["benchmark", "--model", "notebook", "--weights", "none", *flags]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[-1].startswith(f"error: {error}")
 
 
 def test_missing_weights_file_is_one_line_error(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        benchmark.main(["--weights", str(tmp_path / "missing.h5"), *TINY])
-    assert exit_info.value.code == 2
+    assert cli.main(["benchmark", "--weights", str(tmp_path / "missing.h5"), *TINY]) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("error: --weights") and "missing.h5" in error
 
 
-def test_script_is_the_module_command_line(monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["scripts/benchmark.py", "--help"])
+def test_the_benchmark_is_a_subcommand_with_every_flag(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        runpy.run_path(str(REPO / "scripts" / "benchmark.py"), run_name="__main__")
+        cli.main(["benchmark", "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "--keras-baseline" in out and "--cache-examples" in out and "--model" in out
+    assert "--keras-baseline" in out and "--cache-examples" in out and "--conv-impl" in out

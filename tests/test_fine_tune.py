@@ -19,7 +19,7 @@ from helpers import (
 )
 
 from mnist_flax import checkpoints, evaluate, train
-from mnist_flax.model import trainable_filter
+from mnist_flax.freezing import trainable_filter
 
 FINE_TUNE = dict(epochs=1, fine_tune_epochs=2, fine_tune_from="13", lr_schedule="constant")
 

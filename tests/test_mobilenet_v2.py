@@ -3,7 +3,7 @@
 Random Keras weights with non-trivial BatchNorm statistics are copied into the NNX model with
 `mobilenet_v2_from_keras(keras_model)`; both run on random inputs in [-1, 1]. Tolerance everywhere:
 max |flax - keras| <= 1e-4 * max |keras|. The option values are spread over a few cases so that every
-alpha meets both depthwise implementations and every size, pooling and top setting appears, without
+alpha meets both convolution implementations and every size, pooling and top setting appears, without
 running the full cross product.
 """
 
@@ -24,41 +24,38 @@ from keras_helpers import (
 
 from mnist_flax.config import backbone_layer_names
 from mnist_flax.convert import mobilenet_v2_from_keras
+from mnist_flax.convolutions import correct_pad
 from mnist_flax.mobilenet_v2 import (
     MobileNetV2,
     ModelConfigError,
     _make_divisible,
-    _relu6,
     block_keras_prefix,
-    correct_pad,
-    im2col_conv,
     keras_layer_path,
-    taps_conv,
 )
 
-# (alpha, input (rows, cols), include_top, pooling, classifier_activation, depthwise)
+# (alpha, input (rows, cols), include_top, pooling, classifier_activation, conv_impl)
 PARITY_CASES = [
-    (0.35, (96, 96), True, None, "softmax", "taps"),
-    (0.35, (97, 97), False, "max", None, "conv"),
-    (0.5, (97, 97), False, "avg", None, "taps"),
-    (0.5, (96, 96), True, None, None, "conv"),
-    (0.75, (160, 160), False, None, None, "taps"),
-    (0.75, (64, 97), False, "avg", None, "conv"),  # non-square, one side odd
-    (1.0, (97, 64), False, "max", None, "taps"),
-    (1.0, (160, 160), True, None, "softmax", "conv"),
-    (1.3, (96, 96), False, "avg", None, "conv"),
-    (1.3, (97, 97), True, None, None, "taps"),
-    (1.4, (96, 96), False, None, None, "taps"),
-    (1.4, (97, 97), False, "max", None, "conv"),
-    (1.0, (224, 224), False, "avg", None, "taps"),
-    (1.4, (224, 224), True, None, "softmax", "conv"),
+    (0.35, (96, 96), True, None, "softmax", "cpu"),
+    (0.35, (97, 97), False, "max", None, "xla"),
+    (0.5, (97, 97), False, "avg", None, "cpu"),
+    (0.5, (96, 96), True, None, None, "xla"),
+    (0.75, (160, 160), False, None, None, "cpu"),
+    (0.75, (64, 97), False, "avg", None, "xla"),  # non-square, one side odd
+    (1.0, (97, 64), False, "max", None, "cpu"),
+    (1.0, (160, 160), True, None, "softmax", "xla"),
+    (1.3, (96, 96), False, "avg", None, "xla"),
+    (1.3, (97, 97), True, None, None, "cpu"),
+    (1.4, (96, 96), False, None, None, "cpu"),
+    (1.4, (97, 97), False, "max", None, "xla"),
+    (1.0, (224, 224), False, "avg", None, "cpu"),
+    (1.4, (224, 224), True, None, "softmax", "xla"),
 ]
 
 
 @pytest.mark.parametrize(
-    ("alpha", "size", "include_top", "pooling", "activation", "depthwise"), PARITY_CASES
+    ("alpha", "size", "include_top", "pooling", "activation", "conv_impl"), PARITY_CASES
 )
-def test_matches_keras(alpha, size, include_top, pooling, activation, depthwise):
+def test_matches_keras(alpha, size, include_top, pooling, activation, conv_impl):
     classes = 10 if include_top else 1000
     keras_model = random_keras_mobilenet(
         alpha=alpha,
@@ -77,13 +74,13 @@ def test_matches_keras(alpha, size, include_top, pooling, activation, depthwise)
         classes=classes,
         classifier_activation=activation,
         pooling=pooling,
-        depthwise=depthwise,
+        conv_impl=conv_impl,
     )
     assert np.std(expected) > 1e-3 * np.abs(expected).max(), "degenerate reference output"
     assert_close_to_keras(nnx.jit(lambda m, x: m(x))(model, images), expected)
 
 
-# Keras layers whose outputs are the 19 maps `MobileNetV2.features` returns.
+# Keras layers whose outputs are the 19 maps `MobileNetV2.feature_maps` returns.
 def feature_layer_names(keras_model: keras.Model) -> list[str]:
     names = ["Conv1_relu"]
     for block_id in range(17):
@@ -110,8 +107,8 @@ def keras_and_flax_features():
     probe = keras.Model(keras_model.input, [keras_model.get_layer(n).output for n in names])
     images = random_images((2, 64, 64, 3))
     theirs = probe(images, training=False)
-    model = mobilenet_v2_from_keras(keras_model, alpha=0.5, depthwise="taps")
-    features = nnx.jit(lambda m, x: m.features(x))
+    model = mobilenet_v2_from_keras(keras_model, alpha=0.5, conv_impl="cpu")
+    features = nnx.jit(lambda m, x: m.feature_maps(x))
     ours = features(model, images)
     kernel = model.blocks[5].depthwise.kernel
     kernel.set_value(kernel[...] * 1.01)
@@ -161,69 +158,16 @@ def random_model(**options) -> MobileNetV2:
     return nnx.merge(graphdef, state)
 
 
-def test_depthwise_variants_share_parameters_and_results():
-    images = random_images((5, 33, 40, 3))  # 5 images: two chunks of 2 plus a remainder on "taps"
-    conv = random_model(alpha=0.35, include_top=False, pooling="avg", depthwise="conv")
-    taps = random_model(alpha=0.35, include_top=False, pooling="avg", depthwise="taps")
-    assert jax.tree.structure(nnx.state(conv)) == jax.tree.structure(nnx.state(taps))
+def test_conv_impls_share_parameters_and_results():
+    images = random_images((5, 33, 40, 3))  # 5 images: two chunks of 2 plus a remainder on "cpu"
+    xla = random_model(alpha=0.35, include_top=False, pooling="avg", conv_impl="xla")
+    cpu = random_model(alpha=0.35, include_top=False, pooling="avg", conv_impl="cpu")
+    assert jax.tree.structure(nnx.state(xla)) == jax.tree.structure(nnx.state(cpu))
     assert jax.tree.all(
-        jax.tree.map(lambda a, b: a.shape == b.shape, nnx.state(conv), nnx.state(taps))
+        jax.tree.map(lambda a, b: a.shape == b.shape, nnx.state(xla), nnx.state(cpu))
     )
     forward = nnx.jit(lambda m, x: m(x))
-    assert_close_to_keras(forward(taps, images), forward(conv, images), "taps vs conv")
-
-
-# (input shape, kernel shape, stride): depthwise (kh, kw, C) and dense (kh, kw, Cin, Cout) kernels,
-# stride 1 and 2, even and odd sides (stride 2 pads like Keras' correct_pad: one or two sides).
-TAPS_CASES = [
-    ((2, 9, 8, 5), (3, 3, 5), 1),
-    ((2, 9, 8, 5), (3, 3, 5), 2),
-    ((1, 10, 11, 4), (3, 3, 4), 2),
-    ((2, 12, 12, 3), (3, 3, 3, 7), 2),
-    ((1, 7, 9, 1), (3, 3, 1, 3), 1),
-]
-
-
-@pytest.mark.parametrize(("shape", "kernel_shape", "stride"), TAPS_CASES)
-def test_taps_convolution_and_its_hand_written_gradient_equal_xlas_convolution(
-    shape, kernel_shape, stride
-):
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
-    kernel = jnp.asarray(rng.normal(size=kernel_shape), jnp.float32)
-    padding = ((1, 1), (1, 1)) if stride == 1 else correct_pad(shape[1], shape[2], 3)
-    depthwise = kernel.ndim == 3
-
-    def reference(x, kernel):  # XLA's convolution, differentiated by JAX
-        rhs = kernel[:, :, None, :] if depthwise else kernel
-        return jax.lax.conv_general_dilated(
-            x,
-            rhs,
-            (stride, stride),
-            padding,
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            feature_group_count=shape[-1] if depthwise else 1,
-        )
-
-    y_ref, reference_vjp = jax.vjp(reference, x, kernel)
-    cotangent = jnp.asarray(rng.normal(size=y_ref.shape), jnp.float32)
-    # A dense kernel also runs as one matrix product over the windows (Conv1's path).
-    for conv in (taps_conv,) if depthwise else (taps_conv, im2col_conv):
-        y, ours_vjp = jax.vjp(lambda x, kernel: conv(x, kernel, padding, stride), x, kernel)  # noqa: B023
-        np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5, err_msg=conv.__name__)
-        for name, got, want in zip(
-            ("input", "kernel"), ours_vjp(cotangent), reference_vjp(cotangent), strict=True
-        ):
-            np.testing.assert_allclose(
-                got, want, rtol=1e-5, atol=1e-4, err_msg=f"{conv.__name__} {name}"
-            )
-
-
-def test_relu6_gradient_is_tensorflows():
-    # Relu6Grad passes the gradient where 0 < x < 6 only (jnp.clip's own would give 0.5 at 0 and 6).
-    x = jnp.array([-1.0, 0.0, 3.0, 6.0, 7.0])
-    np.testing.assert_array_equal(jax.grad(lambda x: _relu6(x).sum())(x), [0, 0, 1, 0, 0])
-    np.testing.assert_array_equal(_relu6(x), [0, 0, 3, 6, 6])
+    assert_close_to_keras(forward(cpu, images), forward(xla, images), "cpu vs xla")
 
 
 def test_bfloat16_compute_keeps_float32_parameters():
@@ -265,7 +209,7 @@ def test_backbone_layer_names_are_the_keras_layers_in_network_order():
 @pytest.mark.parametrize("cut", [0, 1, 14, 18, 19])
 def test_prefix_then_suffix_is_the_whole_network(cut):
     """Where fine-tuning cuts the network, the cached prefix and the suffix compose to the model."""
-    model = random_model(alpha=0.35, include_top=False, pooling="avg", depthwise="taps")
+    model = random_model(alpha=0.35, include_top=False, pooling="avg", conv_impl="cpu")
     images = random_images((3, 32, 32, 3))
     whole = nnx.jit(lambda m, x: m(x))(model, images)
     split = nnx.jit(lambda m, x: m.suffix(m.prefix(x, cut), cut))(model, images)
@@ -288,8 +232,8 @@ def test_keras_rules():
 
 
 def test_bad_options_raise_clear_errors():
-    with pytest.raises(ModelConfigError, match="depthwise"):
-        MobileNetV2(depthwise="fast", rngs=nnx.Rngs(0))
+    with pytest.raises(ModelConfigError, match="conv_impl"):
+        MobileNetV2(conv_impl="fast", rngs=nnx.Rngs(0))
     with pytest.raises(ModelConfigError, match="pooling"):
         MobileNetV2(pooling="sum", rngs=nnx.Rngs(0))
     model = nnx.eval_shape(lambda: MobileNetV2(alpha=0.35, include_top=False, rngs=nnx.Rngs(0)))

@@ -16,7 +16,7 @@ from nbclient import NotebookClient
 
 from mnist_flax import input_pipeline
 
-NOTEBOOK = pathlib.Path(__file__).parents[1] / "scripts" / "colab_tpu.ipynb"
+NOTEBOOK = pathlib.Path(__file__).parents[1] / "notebooks" / "mnist_transfer_learning.ipynb"
 
 
 def install_cell() -> str:

@@ -31,7 +31,7 @@ from flax import nnx
 sys.path.insert(0, sys.argv[1])
 from helpers import he_initialise_backbone, quadrant_batches, tiny_model
 from mnist_flax import parallel
-from mnist_flax.model import make_optimizer
+from mnist_flax.freezing import make_optimizer
 from mnist_flax.steps import StepRunner, make_metrics
 
 assert len(jax.devices()) == 8, jax.devices()

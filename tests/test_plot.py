@@ -1,18 +1,14 @@
-"""The figures of `mnist_flax.plotting` and its command line, scripts/plot.py."""
+"""The figures of `mnist_flax.plotting` and its command line, `mnist-flax plot`."""
 
 import json
 import pathlib
-import runpy
 import struct
-import sys
 
 import matplotlib.image
 import numpy as np
 import pytest
 
-from mnist_flax import plotting
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from mnist_flax import cli, plotting
 
 
 def png_size(path: pathlib.Path) -> tuple[int, int]:
@@ -42,12 +38,12 @@ def write_history(path: pathlib.Path, epochs: int = 3, frozen: int | None = None
 
 def test_plot_command_writes_an_800x800_png(tmp_path, capsys):
     write_history(tmp_path / "history.json")
-    assert plotting.main([str(tmp_path / "history.json"), "-o", str(tmp_path / "out.png")]) == 0
+    assert cli.main(["plot", str(tmp_path / "history.json"), "-o", str(tmp_path / "out.png")]) == 0
     assert png_size(tmp_path / "out.png") == (800, 800)
     assert capsys.readouterr().out == f"wrote {tmp_path / 'out.png'}\n"
 
     # A workdir works too, and the default output is its curves.png.
-    assert plotting.main([str(tmp_path)]) == 0
+    assert cli.main(["plot", str(tmp_path)]) == 0
     assert png_size(tmp_path / "curves.png") == (800, 800)
 
 
@@ -66,20 +62,11 @@ def test_curves_mark_where_fine_tuning_starts(tmp_path):
 
 
 def test_plot_command_reports_a_missing_history(tmp_path, capsys):
-    assert plotting.main([str(tmp_path)]) == 2
+    assert cli.main(["plot", str(tmp_path)]) == 2
     assert (
         capsys.readouterr().err
         == f"error: {tmp_path / 'history.json'} does not exist; give a workdir or its history.json\n"
     )
-
-
-def test_the_script_runs_the_plot_command(tmp_path, monkeypatch):
-    write_history(tmp_path / "history.json")
-    monkeypatch.setattr(sys, "argv", ["scripts/plot.py", str(tmp_path)])
-    with pytest.raises(SystemExit) as exit_info:
-        runpy.run_path(str(ROOT / "scripts" / "plot.py"), run_name="__main__")
-    assert exit_info.value.code == 0
-    assert png_size(tmp_path / "curves.png") == (800, 800)
 
 
 def test_an_empty_history_is_refused(tmp_path):

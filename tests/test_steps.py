@@ -7,9 +7,9 @@ import pytest
 from flax import nnx
 from helpers import BATCH, he_initialise_backbone, quadrant_batches, tiny_model
 
-from mnist_flax import model as model_lib
-from mnist_flax.config import STAGES
-from mnist_flax.model import make_optimizer
+from mnist_flax import freezing
+from mnist_flax.config import FINE_TUNE_STAGE, FROZEN_STAGE
+from mnist_flax.freezing import make_optimizer
 from mnist_flax.steps import StepRunner, make_metrics
 
 
@@ -44,11 +44,11 @@ def test_training_learns_the_head_and_leaves_the_backbone_bit_identical():
     assert int(optimizer.step[...]) == 4 * len(batches)
 
 
-# "taps" runs the CPU path (images in chunks through a lax.map loop); "conv" is one straight graph,
+# "cpu" runs the CPU path (images in chunks through a lax.map loop); "xla" is one straight graph,
 # whose FLOPs XLA's cost analysis counts without loops.
-@pytest.mark.parametrize("depthwise", ["taps", "conv"])
-def test_compiled_train_step_does_not_run_the_backbone_backward_pass(depthwise):
-    model = tiny_model(depthwise=depthwise)
+@pytest.mark.parametrize("conv_impl", ["cpu", "xla"])
+def test_compiled_train_step_does_not_run_the_backbone_backward_pass(conv_impl):
+    model = tiny_model(conv_impl=conv_impl)
     steps = StepRunner(model, make_optimizer(model, 1e-3), make_metrics())
     batch = jax.device_put(quadrant_batches(BATCH, seed=0)[0])
 
@@ -61,15 +61,17 @@ def test_compiled_train_step_does_not_run_the_backbone_backward_pass(depthwise):
     assert train_flops <= 1.3 * forward_flops, (train_flops, forward_flops)
 
 
-def train_flops_over_forward(model, stage: str = STAGES[0], forward_flops: list | None = None):
+def train_flops_over_forward(model, stage: str = FROZEN_STAGE, forward_flops: list | None = None):
     """The compiled train step's FLOPs over the compiled forward pass's (XLA's cost analysis).
 
     `forward_flops`: a one-element list caching the forward's FLOPs for models of one architecture.
     """
-    # The CPU path's arithmetic ("taps") as one straight graph: the cost analysis counts a lax.map
-    # body once, and counts the "conv" path's depthwise kernel gradient as a dense convolution.
-    model.backbone.depthwise, model.backbone.batch_chunk = "taps", 0
-    steps = StepRunner(model, make_optimizer(model, 1e-3, stage=stage), make_metrics())
+    # The CPU path's arithmetic as one straight graph: the cost analysis counts a lax.map body
+    # once, and counts the XLA path's depthwise kernel gradient as a dense convolution.
+    assert model.backbone.conv_impl == "cpu"
+    model.backbone.batch_chunk = 0
+    optimizer = make_optimizer(model, 1e-3, stage=stage)
+    steps = StepRunner(model, optimizer, make_metrics(), stage=stage)
     side = 28 if model.adapter is not None else model.image_size
     channels = 1 if model.adapter is not None else 3
     batch = {
@@ -89,7 +91,7 @@ def train_flops_over_forward(model, stage: str = STAGES[0], forward_flops: list 
 def test_notebook_train_step_runs_the_backward_pass_through_the_backbones_activations():
     # Measured 2.44 here (56 px into the backbone) and 2.21 at 224 px, alpha 1, batch 32: the
     # adapter's gradient needs the backbone's activation gradients, not its weight gradients.
-    ratio = train_flops_over_forward(tiny_model(model="notebook"))
+    ratio = train_flops_over_forward(tiny_model(model="notebook", conv_impl="cpu"))
     assert 1.8 <= ratio <= 3.0, ratio
 
 
@@ -98,7 +100,9 @@ def test_fine_tuning_compiles_more_work_the_earlier_it_starts():
     """Fine-tuning from block 16, 13, 8: increasing FLOPs, all below training the whole backbone."""
     forward_flops: list = []
     ratios = {
-        start: train_flops_over_forward(tiny_model(fine_tune_from=start), STAGES[1], forward_flops)
+        start: train_flops_over_forward(
+            tiny_model(conv_impl="cpu", fine_tune_from=start), FINE_TUNE_STAGE, forward_flops
+        )
         for start in ("16", "13", "8", "Conv1")
     }
     # Measured here: 1.50, 1.85, 2.33 and 4.68 (the whole backward pass); at 224 px, alpha 1,
@@ -106,29 +110,31 @@ def test_fine_tuning_compiles_more_work_the_earlier_it_starts():
     assert 1.1 < ratios["16"] < ratios["13"] < ratios["8"] < ratios["Conv1"], ratios
     assert ratios["Conv1"] > 2.5, ratios
     # The same model in its frozen stage compiles no backward pass through the backbone.
-    assert train_flops_over_forward(tiny_model(fine_tune_from="8"), STAGES[0], forward_flops) < 1.1
+    frozen_stage = tiny_model(conv_impl="cpu", fine_tune_from="8")
+    assert train_flops_over_forward(frozen_stage, FROZEN_STAGE, forward_flops) < 1.1
 
 
 @pytest.mark.parametrize(
     "model, fine_tune_from, stage",
-    [("notebook", "16", STAGES[0]), ("pipeline", "13", STAGES[1])],
+    [("notebook", "16", FROZEN_STAGE), ("pipeline", "13", FINE_TUNE_STAGE)],
 )
 def test_training_moves_exactly_what_the_stage_trains(model, fine_tune_from, stage):
     """Bit-identical after training: every BatchNorm statistic and every parameter the stage
     does not train (the whole backbone while frozen, the layers before the cut while fine-tuning)."""
     classifier = tiny_model(model=model, fine_tune_from=fine_tune_from)
     he_initialise_backbone(classifier)
-    labels = dict(nnx.to_flat_state(model_lib.freeze_labels(classifier)))
+    labels = dict(nnx.to_flat_state(freezing.freeze_labels(classifier)))
     before = {path: raw_bits(v)[0] for path, v in nnx.to_flat_state(nnx.state(classifier))}
-    steps = StepRunner(classifier, make_optimizer(classifier, 1e-2, stage=stage), make_metrics())
+    optimizer = make_optimizer(classifier, 1e-2, stage=stage)
+    steps = StepRunner(classifier, optimizer, make_metrics(), stage=stage)
     for batch in quadrant_batches(3 * BATCH, seed=3):
         if model == "notebook":  # 28x28 gray digits in [0, 1]
             batch = {**batch, "image": (batch["image"][:, :28, :28, :1] + 1) / 2}
         steps.train(batch)
     steps.sync()
-    trained = {model_lib.ADAPTER, model_lib.HEAD}
-    if stage == STAGES[1]:
-        trained.add(model_lib.FINE_TUNED)
+    trained = {freezing.ADAPTER, freezing.HEAD}
+    if stage == FINE_TUNE_STAGE:
+        trained.add(freezing.FINE_TUNED)
     after = {path: raw_bits(v)[0] for path, v in nnx.to_flat_state(nnx.state(classifier))}
     for path, bits in after.items():
         moved = not np.array_equal(before[path], bits)
@@ -191,7 +197,7 @@ def test_notebook_gradient_in_chunks_equals_the_whole_batchs():
     }
     results = []
     for chunk in (2, 0):
-        model = tiny_model(model="notebook", depthwise="taps")
+        model = tiny_model(model="notebook", conv_impl="cpu")
         he_initialise_backbone(model)
         model.backbone.batch_chunk = chunk
         assert model.gradient_chunk == chunk
@@ -201,7 +207,7 @@ def test_notebook_gradient_in_chunks_equals_the_whole_batchs():
         steps.sync()
         results.append((nnx.state(model, nnx.Param), metrics))
     (chunked, chunked_metrics), (whole, whole_metrics) = results
-    initial = nnx.state(tiny_model(model="notebook", depthwise="taps"), nnx.Param)
+    initial = nnx.state(tiny_model(model="notebook", conv_impl="cpu"), nnx.Param)
     moved = jax.tree.map(
         lambda a, b: not np.array_equal(a, b), chunked["adapter"], initial["adapter"]
     )
@@ -212,7 +218,7 @@ def test_notebook_gradient_in_chunks_equals_the_whole_batchs():
     assert chunked_metrics["loss"] == pytest.approx(whole_metrics["loss"], rel=1e-5)
     assert chunked_metrics["accuracy"] == whole_metrics["accuracy"]
     # The pipeline model differentiates nothing before its frozen backbone: whole batch.
-    assert tiny_model(depthwise="taps").gradient_chunk == 0
+    assert tiny_model(conv_impl="cpu").gradient_chunk == 0
 
 
 def test_a_cached_features_batch_takes_the_same_step_without_the_backbone():

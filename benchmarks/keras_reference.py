@@ -34,18 +34,18 @@ epoch. One mode a command:
 
 `--json FILE` writes what was printed, per epoch and seed, with the summary. The two end-to-end
 modes hold the split's images in memory (8,000 images at 224 px are 4.8 GB as float32 RGB; the
-notebook mode's 28x28 digits are small). Examples, on the README's split:
+notebook mode's 28x28 digits are small). Examples, on the split of docs/results.md:
 
     W=../shared/weights/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5
     DATA=(--weights $W --data-dir ../shared/data/mnist \\
           --train-split "test[:8000]" --test-split "test[8000:]")
-    # Head training on Keras' and on our features (the README's 96x96 comparison):
-    python scripts/keras_reference.py "${DATA[@]}" --image-size 96 --seeds 0 1 2 3 4 --show-order
+    # Head training on Keras' and on our features (docs/results.md's 96x96 comparison):
+    python benchmarks/keras_reference.py "${DATA[@]}" --image-size 96 --seeds 0 1 2 3 4 --show-order
     # The Keras notebook's model, end to end, 10 epochs at 224 px:
-    python scripts/keras_reference.py "${DATA[@]}" --model notebook --epochs 10 --seeds 0 1 2 \\
+    python benchmarks/keras_reference.py "${DATA[@]}" --model notebook --epochs 10 --seeds 0 1 2 \\
         --json keras-notebook.json
     # Frozen stage, then fine-tuning from block 13 for 5 epochs at 1e-4:
-    python scripts/keras_reference.py "${DATA[@]}" --image-size 96 --epochs 10 \\
+    python benchmarks/keras_reference.py "${DATA[@]}" --image-size 96 --epochs 10 \\
         --fine-tune-epochs 5 --fine-tune-from 13 --fine-tune-learning-rate 1e-4 --seeds 0 1 2 \\
         --json keras-fine-tune.json
 """
@@ -68,13 +68,20 @@ from flax import nnx
 
 from mnist_flax import convert, input_pipeline
 from mnist_flax.benchmark_subjects import NUM_CLASSES, keras_classifier
-from mnist_flax.config import DIGIT_SIZE, STAGES, ConfigError, TrainConfig, fine_tune_layer
+from mnist_flax.config import (
+    DIGIT_SIZE,
+    FINE_TUNE_STAGE,
+    FROZEN_STAGE,
+    ConfigError,
+    TrainConfig,
+    fine_tune_layer,
+)
 
 # The end-to-end modes' batch, the tutorial's and this project's default.
 BATCH_SIZE = 32
 # The tutorial's head recipe (the default mode): constant Adam at Keras' default rate.
 TUTORIAL_LEARNING_RATE = 1e-3
-# Image sides when --image-size is not given: the notebook's own, and the README's comparison's.
+# Image sides when --image-size is not given: the notebook's own, and docs/results.md's comparison's.
 DEFAULT_IMAGE_SIZE = {"notebook": 224, "pipeline": 96}
 
 
@@ -299,7 +306,7 @@ def notebook_runs(args: argparse.Namespace) -> dict:
     runs = []
     for seed in args.seeds:
         model = keras_classifier(1.0, args.image_size, args.weights, seed, model="notebook")
-        log = EpochLog(seed, STAGES[0], 1, args.epochs)
+        log = EpochLog(seed, FROZEN_STAGE, 1, args.epochs)
         seconds = fit(model, *train, test, epochs=args.epochs, log=log)
         final = log.records[-1]["test_accuracy"]
         runs.append(
@@ -401,7 +408,7 @@ def fine_tune_runs(args: argparse.Namespace) -> dict:
         # Stage 1: the head alone on the cached features (the same Dense layer as the model's).
         head_model = keras.Sequential([keras.Input(features[0].shape[1:]), head])
         compile_with_cosine(head_model, args.learning_rate, args.epochs * steps)
-        frozen_log = EpochLog(seed, STAGES[0], 1, total)
+        frozen_log = EpochLog(seed, FROZEN_STAGE, 1, total)
         frozen_seconds = fit(
             head_model,
             features[0],
@@ -419,7 +426,7 @@ def fine_tune_runs(args: argparse.Namespace) -> dict:
             f"and the head ({trainable:,} trainable parameters)",
             flush=True,
         )
-        fine_tune_log = EpochLog(seed, STAGES[1], args.epochs + 1, total)
+        fine_tune_log = EpochLog(seed, FINE_TUNE_STAGE, args.epochs + 1, total)
         fine_tune_seconds = fit(
             model, *train, test, epochs=args.fine_tune_epochs, log=fine_tune_log
         )
@@ -427,7 +434,7 @@ def fine_tune_runs(args: argparse.Namespace) -> dict:
         run = {
             "seed": seed,
             "epochs": records,
-            "stage_seconds": {STAGES[0]: frozen_seconds, STAGES[1]: fine_tune_seconds},
+            "stage_seconds": {FROZEN_STAGE: frozen_seconds, FINE_TUNE_STAGE: fine_tune_seconds},
             "fine_tuned_layers": fine_tuned,
             "trainable_parameters": trainable,
             "frozen_test_accuracy": frozen_log.records[-1]["test_accuracy"],

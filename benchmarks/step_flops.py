@@ -1,11 +1,11 @@
 """What each training setup compiles: the train step's FLOPs over the forward pass's (XLA's cost analysis).
 
-    python scripts/step_flops.py                  # 224 px, alpha 1, batch 32: the README's table
-    python scripts/step_flops.py --image-size 96
+    python benchmarks/step_flops.py               # 224 px, alpha 1, batch 32 (docs/benchmarks.md)
+    python benchmarks/step_flops.py --image-size 96
 
-Measured on the CPU path's arithmetic ("taps") as one straight graph (batch_chunk 0): the cost
-analysis counts a loop body once, and counts the "conv" path's depthwise-kernel gradient as a dense
-convolution. Random weights (the FLOPs do not depend on them).
+Measured on the CPU path's arithmetic (`--conv-impl cpu`) as one straight graph (batch_chunk 0): the
+cost analysis counts a loop body once, and counts the XLA path's depthwise-kernel gradient as a
+dense convolution. Random weights (the FLOPs do not depend on them).
 """
 
 import argparse
@@ -14,18 +14,19 @@ import jax
 import numpy as np
 from flax import nnx
 
-from mnist_flax.config import STAGES, TrainConfig
-from mnist_flax.model import create_model, make_optimizer
+from mnist_flax.config import FINE_TUNE_STAGE, FROZEN_STAGE, TrainConfig
+from mnist_flax.freezing import make_optimizer
+from mnist_flax.model import create_model
 from mnist_flax.steps import StepRunner, make_metrics
 
 # name -> (model, fine-tune-from, stage)
 SETUPS = {
-    "the head (pipeline model)": ("pipeline", None, STAGES[0]),
-    "fine-tuning from block 16": ("pipeline", "16", STAGES[1]),
-    "fine-tuning from block 13": ("pipeline", "13", STAGES[1]),
-    "fine-tuning from block 8": ("pipeline", "8", STAGES[1]),
-    "the notebook model's adapter and head": ("notebook", None, STAGES[0]),
-    "the whole backbone (--fine-tune-from Conv1)": ("pipeline", "Conv1", STAGES[1]),
+    "the head (pipeline model)": ("pipeline", None, FROZEN_STAGE),
+    "fine-tuning from block 16": ("pipeline", "16", FINE_TUNE_STAGE),
+    "fine-tuning from block 13": ("pipeline", "13", FINE_TUNE_STAGE),
+    "fine-tuning from block 8": ("pipeline", "8", FINE_TUNE_STAGE),
+    "the notebook model's adapter and head": ("notebook", None, FROZEN_STAGE),
+    "the whole backbone (--fine-tune-from Conv1)": ("pipeline", "Conv1", FINE_TUNE_STAGE),
 }
 
 
@@ -33,6 +34,7 @@ def flops(model_name: str, fine_tune_from: str | None, stage: str, image_size: i
     config = TrainConfig(
         model=model_name,
         weights="none",
+        conv_impl="cpu",
         image_size=image_size,
         batch_size=batch,
         fine_tune_epochs=1 if fine_tune_from else 0,
@@ -40,8 +42,9 @@ def flops(model_name: str, fine_tune_from: str | None, stage: str, image_size: i
     )
     config.validate()
     model = create_model(config, 10)
-    model.backbone.depthwise, model.backbone.batch_chunk = "taps", 0
-    steps = StepRunner(model, make_optimizer(model, 1e-3, stage=stage), make_metrics())
+    model.backbone.batch_chunk = 0
+    optimizer = make_optimizer(model, 1e-3, stage=stage)
+    steps = StepRunner(model, optimizer, make_metrics(), stage=stage)
     side, channels = (28, 1) if model.adapter is not None else (image_size, 3)
     inputs = {
         "image": np.zeros((batch, side, side, channels), np.float32),

@@ -5,9 +5,9 @@ softmax), Adam, categorical cross-entropy: `benchmark_subjects.keras_classifier`
 Keras baseline), feeds it the same tf.data images as this project (`input_pipeline`: RGB, resized,
 in [-1, 1]; with `--model notebook` the notebook's own model on 28x28 digits in [0, 1]) and runs
 `model.fit` with the test split as validation data. Time the whole process,
-imports included, e.g. the README's one-epoch job:
+imports included, e.g. the one-epoch job of docs/benchmarks.md:
 
-    /usr/bin/time -f "%e s" python scripts/keras_tutorial_job.py --weights ../shared/weights/FILE.h5 \\
+    /usr/bin/time -f "%e s" python benchmarks/keras_tutorial_job.py --weights ../shared/weights/FILE.h5 \\
         --data-dir ../shared/data/mnist --train-split "test[:1024]" --test-split "test[9000:]" --epochs 1
 """
 

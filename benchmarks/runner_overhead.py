@@ -6,21 +6,23 @@ the asynchronous call returns (dispatch) and the time until the step's work is d
 (docs_nnx/guides/performance.md) describes the three; `StepRunner` is its "functional training
 loop" and the one this project uses.
 
-    python scripts/runner_overhead.py                      # tiny: 32x32, alpha 0.35, batch 8
-    python scripts/runner_overhead.py --image-size 224 --alpha 1.0 --batch-size 32
+    python benchmarks/runner_overhead.py                   # tiny: 32x32, alpha 0.35, batch 8
+    python benchmarks/runner_overhead.py --image-size 224 --alpha 1.0 --batch-size 32
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import jax
 import numpy as np
 from flax import nnx
 
-from mnist_flax.config import TrainConfig
-from mnist_flax.model import create_model, make_optimizer
+from mnist_flax.config import FROZEN_STAGE, TrainConfig
+from mnist_flax.freezing import make_optimizer
+from mnist_flax.model import create_model
 from mnist_flax.steps import StepRunner, make_metrics, train_step
 
 
@@ -32,13 +34,14 @@ def runners(config: TrainConfig) -> dict:
         return model, make_optimizer(model, config.learning_rate), make_metrics()
 
     model, optimizer, metrics = objects()
-    nnx_step = nnx.jit(train_step)
+    frozen_step = functools.partial(train_step, stage=FROZEN_STAGE)
+    nnx_step = nnx.jit(frozen_step)
     plain = (
         lambda batch: nnx_step(model, optimizer, metrics, batch),
         lambda: jax.block_until_ready(nnx.state(metrics)),
     )
     cached_objects = objects()
-    cached_step = nnx.cached_partial(nnx.jit(train_step), *cached_objects)
+    cached_step = nnx.cached_partial(nnx.jit(frozen_step), *cached_objects)
     cached = (cached_step, lambda: jax.block_until_ready(nnx.state(cached_objects[2])))
     runner = StepRunner(*objects())
     split_merge = (runner.train, lambda: jax.block_until_ready(runner.metrics_state))
@@ -46,12 +49,14 @@ def runners(config: TrainConfig) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--alpha", type=float, default=0.35)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=20, help="timed calls a round (20)")
-    parser.add_argument("--repeats", type=int, default=5, help="rounds (5)")
+    parser.add_argument("--steps", type=int, default=20, help="timed calls a round")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds")
     args = parser.parse_args()
     config = TrainConfig(
         image_size=args.image_size, alpha=args.alpha, batch_size=args.batch_size, weights="none"
