@@ -65,6 +65,8 @@ class Split:
     max_process_examples: int
     # The whole split (every process's share) as (source split, start, stop) ranges.
     ranges: tuple[tuple[str, int, int], ...] = ()
+    # The examples as in-memory arrays, for a split of cached values (`with_examples`), else None.
+    arrays: dict[str, np.ndarray] | None = None
 
 
 def shared_examples(a: Split, b: Split) -> int:
@@ -457,7 +459,8 @@ def with_examples(split: Split, arrays: dict[str, np.ndarray]) -> Split:
     lengths = {name: len(values) for name, values in arrays.items()}
     if set(lengths.values()) != {split.num_examples}:
         raise DataError(f"{split.name}: {split.num_examples} examples but arrays of {lengths} rows")
-    return dataclasses.replace(split, examples=tf.data.Dataset.from_tensor_slices(arrays))
+    examples = tf.data.Dataset.from_tensor_slices(arrays)
+    return dataclasses.replace(split, examples=examples, arrays=arrays)
 
 
 # --- batches ---------------------------------------------------------------------------------------
@@ -471,6 +474,35 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
+def batch_indices(
+    num_examples: int, batch_size: int, shuffle_seed: int | None, num_batches: int | None = None
+) -> np.ndarray:
+    """Which example each row of each batch of an epoch holds: [num_batches, batch_size], -1 for
+    the padding that fills the last batch (and any further all-padding batches).
+
+    With a `shuffle_seed`, the order is `np.random.default_rng(shuffle_seed).permutation(
+    num_examples)` of the examples' own order; `None` keeps that order. `num_batches` defaults to
+    ceil(num_examples / batch_size). The one definition of an epoch's batches: tf.data gathers
+    them on the host (`shuffle_and_batch`), the epochs on cached values on the device.
+    """
+    if batch_size < 1:
+        raise DataError(f"--batch-size {batch_size} must be >= 1")
+    needed = -(-num_examples // batch_size)
+    num_batches = needed if num_batches is None else num_batches
+    if num_batches < needed:
+        raise DataError(
+            f"num_batches {num_batches} < the {needed} that {num_examples} examples need"
+        )
+    order = (
+        np.arange(num_examples)
+        if shuffle_seed is None
+        else np.random.default_rng(shuffle_seed).permutation(num_examples)
+    )
+    indices = np.full(num_batches * batch_size, -1, np.int32)  # -1: padding
+    indices[:num_examples] = order
+    return indices.reshape(num_batches, batch_size)
+
+
 def shuffle_and_batch(
     examples: tf.data.Dataset,
     *,
@@ -481,53 +513,36 @@ def shuffle_and_batch(
 ) -> tf.data.Dataset:
     """Batches a dataset of dict elements, shuffled, padded to a static batch size and masked.
 
-    With a `shuffle_seed`, the order is the permutation `np.random.default_rng(shuffle_seed)
-    .permutation(num_examples)` of the dataset's own order: it depends on nothing but the seed and
-    the length, so datasets of equal length (images and their cached features) are shuffled alike,
-    and it does not depend on TensorFlow's global seed. `None` keeps the dataset's order. The split
-    is held in memory as one element (raw 28x28 digits, 47 MB for all of MNIST, or pooled feature
-    vectors) and batches are gathered from it.
+    The batches are `batch_indices`'s: the order depends on nothing but the seed and the length, so
+    datasets of equal length (images and their cached features) are shuffled alike, and not on
+    TensorFlow's global seed. The split is held in memory as one element (raw 28x28 digits, 47 MB
+    for all of MNIST, or pooled feature vectors) and the batches are gathered from it.
 
     Every element gets a bool "mask" [batch_size]. The padding is big_vision's (and clu's): the
     examples are followed by endless padding marked False, cut into `num_batches` whole batches,
     so each example is seen exactly once, the last batch is filled with padding (zeros), and shapes
     never change (no recompilation). It is done on the example indices (-1 marks padding), so that
-    tf.data works a batch at a time rather than an example at a time. `num_batches` (default
-    ceil(num_examples / batch_size)) may ask for more batches, all padding, which keeps every
-    process of a multi-process run stepping through the same count. `num_examples` must be the
-    dataset's length; a mismatch fails when it is read.
+    tf.data works a batch at a time rather than an example at a time. `num_batches` may ask for
+    more batches than the examples need, all padding, which keeps every process of a multi-process
+    run stepping through the same count. `num_examples` must be the dataset's length; a mismatch
+    fails when it is read.
     """
     if not isinstance(examples.element_spec, dict) or "mask" in examples.element_spec:
         raise DataError("shuffle_and_batch needs dict elements without a 'mask' entry")
-    if batch_size < 1:
-        raise DataError(f"--batch-size {batch_size} must be >= 1")
-    needed = -(-num_examples // batch_size)
-    num_batches = needed if num_batches is None else num_batches
-    if num_batches < needed:
-        raise DataError(
-            f"num_batches {num_batches} < the {needed} that {num_examples} examples need"
-        )
-
+    indices = batch_indices(num_examples, batch_size, shuffle_seed, num_batches)
     specs = examples.element_spec
     examples = examples.apply(tf.data.experimental.assert_cardinality(num_examples))
-    order = (
-        np.arange(num_examples)
-        if shuffle_seed is None
-        else np.random.default_rng(shuffle_seed).permutation(num_examples)
-    )
-    indices = np.full(num_batches * batch_size, -1, np.int64)  # -1: padding
-    indices[:num_examples] = order
-    index_batches = tf.data.Dataset.from_tensor_slices(indices.reshape(num_batches, batch_size))
+    index_batches = tf.data.Dataset.from_tensor_slices(indices)
     if num_examples == 0:  # a process with no share still steps through its padding batches
         examples = tf.data.Dataset.from_tensors(
             {name: tf.zeros(spec.shape, spec.dtype) for name, spec in specs.items()}
         )
 
-    def gather(everything: dict[str, tf.Tensor], batch_indices: tf.Tensor) -> dict:
-        mask = batch_indices >= 0
+    def gather(everything: dict[str, tf.Tensor], indices: tf.Tensor) -> dict:
+        mask = indices >= 0
         batch = {}
         for name, values in everything.items():
-            rows = tf.gather(values, tf.maximum(batch_indices, 0))
+            rows = tf.gather(values, tf.maximum(indices, 0))
             row_mask = tf.reshape(mask, [-1] + [1] * (values.shape.rank - 1))
             batch[name] = tf.where(row_mask, rows, tf.zeros_like(rows))
         batch["mask"] = mask
@@ -535,9 +550,7 @@ def shuffle_and_batch(
 
     # One element holding the whole split, then the batches of indices gathered from it.
     batches = examples.batch(max(num_examples, 1)).flat_map(
-        lambda everything: index_batches.map(
-            lambda batch_indices: gather(everything, batch_indices)
-        )
+        lambda everything: index_batches.map(lambda indices: gather(everything, indices))
     )
     return batches.prefetch(tf.data.AUTOTUNE)
 

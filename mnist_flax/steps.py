@@ -8,6 +8,11 @@ the same steps compile to the head alone; in the fine-tuning stage it may hold "
 frozen layers' output, entering the fine-tuned ones), and the steps compile to the layers that
 train.
 
+On cached values the epoch loop runs many steps per call: `train_block` and `eval_block` take the
+split's arrays, already on the device, and a block of `input_pipeline.batch_indices`, and
+`lax.scan` the same step over the batches they gather (the same batches, in the same order, with
+the same padding), so the host dispatches one call instead of one per batch.
+
 The steps are written as plain NNX code that updates the model, optimizer and metrics in place
 (as in Flax's MNIST example). `StepRunner` is the one way they are run, in training, evaluation,
 feature caching and the benchmark. It follows the "functional training loop" of Flax's performance
@@ -124,6 +129,18 @@ def _accumulated(gradient, trained, batch: Batch, chunk: int):
     return grads, outputs
 
 
+def gather_batch(examples: dict[str, jax.Array], indices: jax.Array) -> Batch:
+    """The batch `indices` (-1: padding) selects from `examples`, zeros and mask False on padding,
+    as `input_pipeline.shuffle_and_batch` gathers it on the host."""
+    mask = indices >= 0
+    rows = jnp.maximum(indices, 0)
+    batch = {
+        name: jnp.where(mask.reshape(-1, *[1] * (values.ndim - 1)), values[rows], 0)
+        for name, values in examples.items()
+    }
+    return {**batch, "mask": mask}
+
+
 def eval_step(model: TransferClassifier, metrics: nnx.MultiMetric, batch: Batch) -> jax.Array:
     """Adds one batch to the metrics (in place); returns the predicted classes."""
     losses, logits = per_example_loss(model, batch)
@@ -173,8 +190,13 @@ class StepRunner:
         )
         state = parallel.replicated(self.mesh)
         rows = parallel.batch_sharding(self.mesh)
+        self._rows = rows
         self._train = jax.jit(self._train_fn, donate_argnums=(0, 1, 2), out_shardings=state)
         self._eval = jax.jit(self._eval_fn, donate_argnums=1, out_shardings=(state, rows))
+        self._train_block = jax.jit(
+            self._train_block_fn, donate_argnums=(0, 1, 2), out_shardings=state
+        )
+        self._eval_block = jax.jit(self._eval_block_fn, donate_argnums=1, out_shardings=state)
         self._features = jax.jit(self._features_fn, out_shardings=rows)
         self._cut_activations = jax.jit(self._cut_activations_fn, out_shardings=rows)
         self._predict = jax.jit(self._predict_fn, out_shardings=rows)
@@ -195,6 +217,25 @@ class StepRunner:
         metrics = nnx.merge(self.metrics_def, metrics_state)
         predictions = eval_step(model, metrics, batch)
         return nnx.state(metrics), predictions
+
+    def _batch(self, examples, indices) -> Batch:
+        # Gathered from replicated arrays, then split over the mesh like a batch from the host.
+        return jax.lax.with_sharding_constraint(gather_batch(examples, indices), self._rows)
+
+    def _train_block_fn(self, model_state, optimizer_state, metrics_state, examples, indices):
+        def step(states, batch_indices):
+            return self._train_fn(*states, self._batch(examples, batch_indices)), None
+
+        states, _ = jax.lax.scan(step, (model_state, optimizer_state, metrics_state), indices)
+        return states
+
+    def _eval_block_fn(self, model_state, metrics_state, examples, indices):
+        def step(metrics_state, batch_indices):
+            batch = self._batch(examples, batch_indices)
+            return self._eval_fn(model_state, metrics_state, batch)[0], None
+
+        metrics_state, _ = jax.lax.scan(step, metrics_state, indices)
+        return metrics_state
 
     def _features_fn(self, model_state, images):
         return nnx.merge(self.model_def, model_state).features(images)
@@ -225,6 +266,23 @@ class StepRunner:
         """Adds the batch to the running metrics; returns its predicted classes."""
         self.metrics_state, predictions = self._eval(self.model_state, self.metrics_state, batch)
         return predictions
+
+    def train_block(self, examples: dict[str, jax.Array], indices: jax.Array) -> None:
+        """One optimizer step per row of `indices` [steps, batch] on the batches it gathers from
+        `examples` (a split's arrays, replicated on the mesh: `place_examples`)."""
+        self.model_state, self.optimizer_state, self.metrics_state = self._train_block(
+            self.model_state, self.optimizer_state, self.metrics_state, examples, indices
+        )
+
+    def eval_block(self, examples: dict[str, jax.Array], indices: jax.Array) -> None:
+        """Adds every batch `indices` gathers from `examples` to the running metrics."""
+        self.metrics_state = self._eval_block(
+            self.model_state, self.metrics_state, examples, indices
+        )
+
+    def place_examples(self, arrays: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """A split's arrays (cached values and labels), replicated on every device of the mesh."""
+        return parallel.replicate(arrays, self.mesh)
 
     def features(self, images: jax.Array) -> jax.Array:
         """The backbone's pooled features of a batch of images, split like the batch."""

@@ -40,6 +40,9 @@ from mnist_flax.steps import StepRunner, make_metrics, prefetch_to_device
 # How often the progress bar reads the running loss and accuracy back from the device. Each read
 # waits for the queued steps, so it is kept rare.
 PROGRESS_REFRESH_SECONDS = 1.0
+# Train or eval steps per call on a split of cached values (`_EpochLoop.run_steps`): one call per
+# block instead of one per batch; Ctrl-C and the progress bar act between blocks.
+STEPS_PER_CALL = 128
 
 
 def train_and_evaluate(config: TrainConfig, *, feature_cache: FeatureCache | None = None) -> dict:
@@ -221,6 +224,7 @@ class _EpochLoop:
         self.resize = resolve_resize(self.config.resize, self.config.model)
         self.runner: StepRunner | None = None  # the current stage's (`run`)
         self.mesh = None  # the runner's
+        self.device_examples: dict[int, dict] = {}  # `examples_on_device`, this stage's
         self.caching = Caching(
             self.config,
             self.feature_cache,
@@ -257,6 +261,7 @@ class _EpochLoop:
         """The stage's epochs up to `last`, on cached inputs where `Caching.inputs_for` allows."""
         config = self.config
         inputs, splits = self.caching.inputs_for(stage, self.runner, splits)
+        self.device_examples.clear()  # the last stage's cached values
         evaluated = [role for role in ("validation", "test") if role in splits]
         epoch = len(self.history)
         try:
@@ -265,7 +270,7 @@ class _EpochLoop:
                 shuffle_seed = input_pipeline.epoch_seed(self.data_seed, epoch)
                 train_metrics, images_per_second = self.pass_over(
                     splits["train"],
-                    self.runner.train,
+                    True,
                     shuffle_seed,
                     f"epoch {epoch}/{config.total_epochs}",
                 )
@@ -277,7 +282,7 @@ class _EpochLoop:
                     "train_accuracy": train_metrics["accuracy"],
                 }
                 for role in evaluated:
-                    metrics, _ = self.pass_over(splits[role], self.runner.eval, None, role)
+                    metrics, _ = self.pass_over(splits[role], False, None, role)
                     record[f"{role}_loss"] = metrics["loss"]
                     record[f"{role}_accuracy"] = metrics["accuracy"]
                 record["seconds"] = time.perf_counter() - start
@@ -296,25 +301,17 @@ class _EpochLoop:
     def pass_over(
         self,
         split: input_pipeline.Split,
-        step: Callable[[dict], Any],
+        train: bool,
         shuffle_seed: int | None,
         description: str,
     ) -> tuple[dict[str, float], float]:
-        """Feeds every batch of `split` to `step`; returns the pass's metrics and images/s."""
+        """Runs the train (or eval) step on every batch of `split`; returns the pass's metrics
+        and images/s."""
         runner = self.runner
         runner.reset_metrics()
         start = last_refresh = time.perf_counter()
         examples = 0
         num_steps = math.ceil(split.max_process_examples / self.batch_size)
-
-        def count_and_shard(batch):
-            nonlocal examples
-            # Processes step in lockstep on shards that differ by at most one example, so this
-            # process's count times the process count is the global throughput.
-            examples += int(np.sum(batch["mask"])) * jax.process_count()
-            return parallel.shard_batch(batch, self.mesh)
-
-        batches = self.batches(split, shuffle_seed).as_numpy_iterator()
         with tqdm(
             total=num_steps,
             desc=description,
@@ -322,9 +319,11 @@ class _EpochLoop:
             leave=False,
             disable=not self.show_progress,
         ) as bar:
-            for batch in prefetch_to_device(batches, place=count_and_shard):
-                step(batch)
-                bar.update(1)
+            for steps, real in self.run_steps(split, train, shuffle_seed, num_steps):
+                # Processes step in lockstep on shards that differ by at most one example, so
+                # this process's count times the process count is the global throughput.
+                examples += real * jax.process_count()
+                bar.update(steps)
                 self.stop_if_requested()
                 now = time.perf_counter()
                 if self.show_progress and now - last_refresh >= PROGRESS_REFRESH_SECONDS:
@@ -337,6 +336,45 @@ class _EpochLoop:
                     last_refresh = now
             metrics = runner.read_metrics()
         return metrics, examples / (time.perf_counter() - start)
+
+    def run_steps(
+        self, split: input_pipeline.Split, train: bool, shuffle_seed: int | None, num_steps: int
+    ) -> Iterator[tuple[int, int]]:
+        """Runs the pass's steps; yields (steps run, real examples in them) after each call.
+
+        A split of cached values held in memory runs `STEPS_PER_CALL` steps a call on the device
+        (`StepRunner.train_block`), on the batches tf.data would have gathered; images (and every
+        split of a multi-process run, whose batches are stacked from every process's rows) come
+        from tf.data a batch at a time, copied to the device ahead of the step.
+        """
+        runner = self.runner
+        if split.arrays is not None and jax.process_count() == 1:
+            examples = self.examples_on_device(split)
+            indices = input_pipeline.batch_indices(
+                split.num_examples, self.batch_size, shuffle_seed, num_steps
+            )
+            call = runner.train_block if train else runner.eval_block
+            for start in range(0, num_steps, STEPS_PER_CALL):
+                block = indices[start : start + STEPS_PER_CALL]
+                call(examples, block)
+                yield len(block), int(np.sum(block >= 0))
+            return
+        step = runner.train if train else runner.eval
+
+        def place(batch):
+            return int(np.sum(batch["mask"])), parallel.shard_batch(batch, self.mesh)
+
+        batches = self.batches(split, shuffle_seed).as_numpy_iterator()
+        for real, batch in prefetch_to_device(batches, place=place):
+            step(batch)
+            yield 1, real
+
+    def examples_on_device(self, split: input_pipeline.Split) -> dict[str, jax.Array]:
+        """The cached split's arrays on the device, copied there once per stage."""
+        key = id(split.arrays)
+        if key not in self.device_examples:
+            self.device_examples[key] = self.runner.place_examples(split.arrays)
+        return self.device_examples[key]
 
     def save(self, epoch: int, record: dict) -> None:
         """Appends the epoch's record, saves its checkpoint and rewrites history.json."""

@@ -5,16 +5,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import BATCH, he_initialise_backbone, quadrant_batches, tiny_model
+from helpers import BATCH, IMAGE_SIZE, he_initialise_backbone, quadrant_batches, tiny_model
 
-from mnist_flax import freezing
+from mnist_flax import freezing, input_pipeline
 from mnist_flax.config import FINE_TUNE_STAGE, FROZEN_STAGE
 from mnist_flax.freezing import make_optimizer
 from mnist_flax.steps import StepRunner, make_metrics
 
 
 def raw_bits(tree) -> list[np.ndarray]:
-    return [np.asarray(leaf).view(np.uint8).copy() for leaf in jax.tree.leaves(tree)]
+    return [np.asarray(leaf).reshape(-1).view(np.uint8).copy() for leaf in jax.tree.leaves(tree)]
 
 
 def test_training_learns_the_head_and_leaves_the_backbone_bit_identical():
@@ -245,3 +245,62 @@ def test_a_cached_features_batch_takes_the_same_step_without_the_backbone():
     assert features_flops < 0.1 * image_flops, (features_flops, image_flops)
     assert features_metrics == pytest.approx(image_metrics, rel=1e-5)
     np.testing.assert_allclose(features_kernel, image_kernel, rtol=1e-5, atol=1e-6)
+
+
+def test_a_block_of_steps_on_the_device_is_the_steps_one_by_one_bit_for_bit():
+    """`train_block` / `eval_block` (epochs on cached values) take exactly the steps tf.data's
+    batches give: the same parameters, Adam state and metrics, to the last bit."""
+    rng = np.random.default_rng(4)
+    num_examples = 21  # 3 batches of 8: the last one padded
+    arrays = {
+        "features": rng.normal(size=(num_examples, 1280)).astype(np.float32),
+        "label": rng.integers(0, 4, num_examples).astype(np.int32),
+    }
+    split = input_pipeline.with_examples(
+        input_pipeline.Split(
+            examples=None,
+            num_examples=num_examples,
+            num_classes=4,
+            name="cached",
+            max_process_examples=num_examples,
+        ),
+        arrays,
+    )
+    seed = input_pipeline.epoch_seed(0, 1)
+    results = []
+    for on_device in (False, True):
+        model = tiny_model()
+        steps = StepRunner(model, make_optimizer(model, 1e-2), make_metrics())
+        if on_device:
+            examples = steps.place_examples(arrays)
+            indices = input_pipeline.batch_indices(num_examples, BATCH, seed)
+            steps.train_block(examples, indices[:2])  # two calls: blocks of 2 and 1 steps
+            steps.train_block(examples, indices[2:])
+            train_metrics = steps.read_metrics()
+            steps.reset_metrics()
+            steps.eval_block(examples, input_pipeline.batch_indices(num_examples, BATCH, None))
+        else:
+            for batch in input_pipeline.make_batches(
+                split, batch_size=BATCH, image_size=IMAGE_SIZE, shuffle_seed=seed
+            ).as_numpy_iterator():
+                steps.train(batch)
+            train_metrics = steps.read_metrics()
+            steps.reset_metrics()
+            for batch in input_pipeline.make_batches(
+                split, batch_size=BATCH, image_size=IMAGE_SIZE, shuffle_seed=None
+            ).as_numpy_iterator():
+                steps.eval(batch)
+        steps.sync()
+        results.append(
+            (
+                raw_bits(nnx.state(model, nnx.Param)),
+                raw_bits(steps.optimizer_state),
+                train_metrics,
+                steps.read_metrics(),
+            )
+        )
+    (params_a, adam_a, train_a, eval_a), (params_b, adam_b, train_b, eval_b) = results
+    assert all(np.array_equal(a, b) for a, b in zip(params_a, params_b, strict=True))
+    assert all(np.array_equal(a, b) for a, b in zip(adam_a, adam_b, strict=True))
+    assert train_a == train_b and eval_a == eval_b
+    assert train_a["accuracy"] > 0 and eval_a["loss"] > 0

@@ -10,6 +10,7 @@ import json
 import logging
 import pathlib
 import shutil
+import signal
 
 import jax
 import numpy as np
@@ -17,6 +18,7 @@ import pytest
 from helpers import assert_same_history, tiny_config, use_he_backbone, without_seconds
 
 from mnist_flax import checkpoints, config, evaluate, input_pipeline, train
+from mnist_flax.steps import StepRunner
 
 
 def snapshot(directory: pathlib.Path) -> dict[str, str]:
@@ -134,30 +136,28 @@ def test_interrupted_and_resumed_runs_reproduce_the_straight_run(
     _, straight = straight_run
     assert straight["config"]["lr_schedule"] == "cosine"
     workdir = tmp_path / "resumed"
-    make_batches = input_pipeline.make_batches
-
-    class InterruptedDataset:
-        def __init__(self, dataset):
-            self.dataset = dataset
-
-        def as_numpy_iterator(self):
-            for index, batch in enumerate(self.dataset.as_numpy_iterator()):
-                if index == 1:
-                    raise KeyboardInterrupt
-                yield batch
+    batch_indices, train_block = input_pipeline.batch_indices, StepRunner.train_block
+    shuffled = []  # the shuffle seed of the epoch being trained
 
     def interrupt_in(epoch: int):
-        def make(split, *, shuffle_seed, **options):
-            dataset = make_batches(split, shuffle_seed=shuffle_seed, **options)
-            if shuffle_seed == input_pipeline.epoch_seed(0, epoch):
-                return InterruptedDataset(dataset)
-            return dataset
+        """Ctrl-C (a real SIGINT) right after the first call of epoch `epoch`'s train pass."""
 
-        return make
+        def indices(num_examples, batch_size, shuffle_seed, *args):
+            shuffled.append(shuffle_seed)
+            return batch_indices(num_examples, batch_size, shuffle_seed, *args)
 
-    # Ctrl-C in the middle of epoch 3 (after its first batch), then of epoch 4 of the resumed run.
+        def block(runner, *args):
+            train_block(runner, *args)
+            if shuffled[-1] == input_pipeline.epoch_seed(0, epoch):
+                signal.raise_signal(signal.SIGINT)
+
+        monkeypatch.setattr(input_pipeline, "batch_indices", indices)
+        monkeypatch.setattr(StepRunner, "train_block", block)
+
+    # Ctrl-C in the middle of epoch 3 (its train steps ran, its evaluation did not), then of epoch
+    # 4 of the resumed run.
     for epoch in (3, 4):
-        monkeypatch.setattr(input_pipeline, "make_batches", interrupt_in(epoch))
+        interrupt_in(epoch)
         with pytest.raises(KeyboardInterrupt):
             train.train_and_evaluate(tiny_config(idx_dir, workdir))
         monkeypatch.undo()
@@ -287,7 +287,8 @@ def test_each_step_compiles_once_and_a_second_run_loads_them_from_the_cache(
             train.train_and_evaluate(dataclasses.replace(config, workdir=str(tmp_path / "second")))
     finally:
         jax.config.update("jax_log_compiles", False)
-    for step in ("_train_fn", "_eval_fn", "_features_fn"):
+    # On cached features the epochs run blocks of steps (one block a pass here).
+    for step in ("_train_block_fn", "_eval_block_fn", "_features_fn"):
         assert sum(step in name for name in compiled) == 1, (step, compiled)
     assert first_misses > 0
     assert misses == []
