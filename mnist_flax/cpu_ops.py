@@ -13,7 +13,7 @@ to float32 rounding; `tests/test_mobilenet_v2.py` checks outputs and gradients a
   slices is one zero-padded, full-size copy of the cotangent per tap, slow on XLA:CPU.
 - `relu6`: ReLU6 with TensorFlow's gradient, kept as one boolean mask.
 - `map_in_chunks`: the batch through a function a few images at a time, so that each image's
-  activations stay in cache from one layer to the next.
+  activations stay in cache from one layer to the next (`images_per_chunk` says how many).
 """
 
 from __future__ import annotations
@@ -24,6 +24,10 @@ import jax
 import jax.numpy as jnp
 
 Padding = tuple[tuple[int, int], tuple[int, int]]
+# A chunk's widest activation should fit about this (both cores' L2 and some), with at most
+# MAX_CHUNK images: what measured fastest per unit of MobileNetV2 (docs/cpu_path.md).
+CHUNK_BYTES = 10 * 2**20
+MAX_CHUNK = 8
 
 
 @jax.custom_jvp
@@ -57,6 +61,14 @@ def map_in_chunks(fn, x: jax.Array, chunk: int) -> jax.Array:
     if whole < batch:
         y = jnp.concatenate([y, fn(x[whole:])])
     return y
+
+
+def images_per_chunk(bytes_per_image: int) -> int:
+    """The most images (a power of two, at most `MAX_CHUNK`) whose activation fits `CHUNK_BYTES`."""
+    chunk = 1
+    while chunk * 2 <= MAX_CHUNK and chunk * 2 * bytes_per_image <= CHUNK_BYTES:
+        chunk *= 2
+    return chunk
 
 
 def _taps(kh: int, kw: int) -> list[tuple[int, int]]:

@@ -44,7 +44,7 @@ from mnist_flax.convolutions import (
     depthwise_conv2d,
     resolve_conv_impl,
 )
-from mnist_flax.cpu_ops import map_in_chunks, relu6
+from mnist_flax.cpu_ops import images_per_chunk, map_in_chunks, relu6
 
 # Keras' MobileNetV2 uses this epsilon for every BatchNormalization layer (its momentum only matters
 # in training mode, which this network never runs).
@@ -73,7 +73,9 @@ BLOCK_SPECS: tuple[tuple[int, int, int], ...] = (
 
 POOLINGS = (None, "avg", "max")
 CLASSIFIER_ACTIVATIONS = (None, "softmax", "linear")
-# On the CPU path the network runs this many images at a time (`cpu_ops.map_in_chunks`).
+# On the CPU path each unit runs a few images at a time, as many as `cpu_ops.images_per_chunk`
+# allows for its widest activation; a gradient through the backbone goes CPU_BATCH_CHUNK images at a
+# time (`model.TransferClassifier.gradient_chunk`).
 CPU_BATCH_CHUNK = 2
 # The network as a chain of units, each ending in a named activation: the stem (Conv1, bn_Conv1),
 # the 17 blocks, the top (Conv_1, Conv_1_bn). `prefix(x, cut)` runs units [0, cut), `suffix(x, cut)`
@@ -249,8 +251,8 @@ class MobileNetV2(nnx.Module):
 
     conv_impl: "auto" | "xla" | "cpu", how convolutions are computed (`convolutions.py`); same results.
     dtype: compute dtype of activations (e.g. jnp.bfloat16); parameters stay float32.
-    batch_chunk: images per pass through the network; None = `CPU_BATCH_CHUNK` on the CPU path, the
-        whole batch otherwise; 0 = the whole batch.
+    batch_chunk: images per pass through the network; None = chosen per unit by activation size on
+        the CPU path (`CPU_CHUNK_BYTES`), the whole batch otherwise; 0 = the whole batch.
     """
 
     def __init__(
@@ -333,7 +335,7 @@ class MobileNetV2(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         self._check_input(x)
-        return self.in_chunks(lambda x: self._output(self._units(x, 0, NUM_UNITS)), x)
+        return self._output(self._chunked_units(x, 0, NUM_UNITS))
 
     def feature_maps(self, x: jax.Array) -> list[jax.Array]:
         """Activations after Conv1's ReLU, after each of the 17 blocks and after `out_relu` (19 maps).
@@ -350,7 +352,7 @@ class MobileNetV2(nnx.Module):
     def prefix(self, x: jax.Array, cut: int) -> jax.Array:
         """The activation entering unit `cut` (`NUM_UNITS`): units [0, cut) on images `x`."""
         self._check_input(x)
-        return self.in_chunks(lambda x: self._units(x, 0, cut), x)
+        return self._chunked_units(x, 0, cut)
 
     def suffix(self, x: jax.Array, cut: int) -> jax.Array:
         """The model's output from the activation entering unit `cut`, on the whole batch at once.
@@ -372,7 +374,8 @@ class MobileNetV2(nnx.Module):
         return 0 if path[0] in ("Conv1", "bn_Conv1") else NUM_UNITS - 1
 
     def chunk_size(self) -> int:
-        """Images per pass through the network (`batch_chunk` resolved); 0 = the whole batch."""
+        """Images per pass of a gradient through the network (`batch_chunk` resolved), and of
+        what runs before it (the notebook's adapter); 0 = the whole batch."""
         if self.batch_chunk is not None:
             return self.batch_chunk
         return CPU_BATCH_CHUNK if resolve_conv_impl(self.conv_impl) == "cpu" else 0
@@ -380,6 +383,34 @@ class MobileNetV2(nnx.Module):
     def in_chunks(self, fn, x: jax.Array) -> jax.Array:
         """`fn(x)` computed `chunk_size()` images at a time (`cpu_ops.map_in_chunks`)."""
         return map_in_chunks(fn, x, self.chunk_size())
+
+    def unit_chunks(self, height: int, width: int) -> list[int]:
+        """Images per pass through each unit for `height` x `width` inputs (0 = whole batch)."""
+        if self.batch_chunk is not None or resolve_conv_impl(self.conv_impl) != "cpu":
+            return [self.batch_chunk or 0] * NUM_UNITS
+        itemsize = jnp.dtype(self.dtype or jnp.float32).itemsize
+        h, w = -(-height // 2), -(-width // 2)  # after Conv1 (stride 2)
+        # Conv1's widest: its output, or its im2col windows (27 values a pixel).
+        widest = [h * w * max(self.Conv1.kernel.shape[-1], 27)]
+        for block in self.blocks:
+            widest.append(h * w * block.depthwise.kernel.shape[2])  # the expanded activation
+            if block.depthwise.strides == 2:
+                h, w = -(-h // 2), -(-w // 2)
+        widest.append(h * w * self.num_features)
+        return [images_per_chunk(values * itemsize) for values in widest]
+
+    def _chunked_units(self, x: jax.Array, start: int, stop: int) -> jax.Array:
+        """Units [start, stop) on images `x`, each run of units with the same chunk in one
+        `map_in_chunks` (`unit_chunks`)."""
+        chunks = self.unit_chunks(x.shape[1], x.shape[2])
+        x = x.astype(self.dtype or x.dtype)
+        while start < stop:
+            end = start + 1
+            while end < stop and chunks[end] == chunks[start]:
+                end += 1
+            x = map_in_chunks(lambda x, a=start, b=end: self._units(x, a, b), x, chunks[start])
+            start = end
+        return x
 
     def _units(self, x: jax.Array, start: int, stop: int) -> jax.Array:
         x = x.astype(self.dtype or x.dtype)

@@ -107,7 +107,7 @@ def _accumulated(gradient, trained, batch: Batch, chunk: int):
     notebook model on the CPU path), each `lax.scan` iteration runs one chunk's forward and
     backward pass while its activations are still in cache, and nothing is carried between
     iterations but the sum: backpropagating through the backbone's own chunked `lax.map` instead
-    saved every chunk's residuals into stacked buffers, a quarter of the step's time.
+    saved every chunk's residuals into stacked buffers (docs/cpu_path.md).
     """
     size = batch["mask"].shape[0]
     whole = size - size % chunk

@@ -239,3 +239,17 @@ def test_bad_options_raise_clear_errors():
     model = nnx.eval_shape(lambda: MobileNetV2(alpha=0.35, include_top=False, rngs=nnx.Rngs(0)))
     with pytest.raises(ModelConfigError, match="minimum"):
         model(jnp.zeros((1, 31, 64, 3)))
+
+
+def test_the_cpu_path_runs_each_unit_in_chunks_sized_to_its_activation():
+    """Chunks of 4 where activations are widest, else 8 (remainders of 5 images): same output."""
+    model = random_model(alpha=0.35, include_top=False, pooling="avg", conv_impl="cpu")
+    chunks = model.unit_chunks(224, 224)
+    assert chunks[:3] == [4, 8, 4] and set(chunks[3:]) == {8}, chunks
+    assert random_model(conv_impl="xla").unit_chunks(224, 224) == [0] * 19
+    images = random_images((5, 224, 224, 3))
+    chunked = nnx.jit(lambda m, x: m(x))(model, images)
+    model.batch_chunk = 0
+    assert model.unit_chunks(224, 224) == [0] * 19
+    whole = nnx.jit(lambda m, x: m(x))(model, images)
+    np.testing.assert_allclose(np.asarray(chunked), np.asarray(whole), rtol=1e-5, atol=1e-6)
