@@ -2,13 +2,16 @@
 
 Builds the tutorial's model (ImageNet MobileNetV2 frozen, GlobalAveragePooling2D, Dense(10,
 softmax), Adam, categorical cross-entropy: `benchmark_subjects.keras_classifier`, the benchmark's
-Keras baseline), feeds it the same tf.data images as this project (`input_pipeline`: RGB, resized,
-in [-1, 1]; with `--model notebook` the notebook's own model on 28x28 digits in [0, 1]) and runs
-`model.fit` with the test split as validation data. Time the whole process,
-imports included, e.g. the one-epoch job of docs/benchmarks.md:
+Keras baseline) in Keras 3 on `--backend` (tensorflow, or jax: the notebook as a JAX user would run
+it, `KERAS_BACKEND=jax`), feeds it the same tf.data images as this project (`input_pipeline`: RGB,
+resized, in [-1, 1]; with `--model notebook` the notebook's own model on 28x28 digits in [0, 1])
+and runs `model.fit` with the test split as validation data. Time the whole process, imports
+included, e.g. the one-epoch job of docs/benchmarks.md (`benchmarks/whole_process_rounds.sh` runs
+it round after round beside ours):
 
-    /usr/bin/time -f "%e s" python benchmarks/keras_tutorial_job.py --weights ../shared/weights/FILE.h5 \\
-        --data-dir ../shared/data/mnist --train-split "test[:1024]" --test-split "test[9000:]" --epochs 1
+    /usr/bin/time -f "%e s" python benchmarks/keras_tutorial_job.py --backend jax \\
+        --weights ../shared/weights/FILE.h5 --data-dir ../shared/data/mnist \\
+        --train-split "test[:1024]" --test-split "test[9744:]" --epochs 1
 """
 
 from __future__ import annotations
@@ -16,15 +19,20 @@ from __future__ import annotations
 import argparse
 import time
 
-import tensorflow as tf
-
 from mnist_flax import input_pipeline
-from mnist_flax.benchmark_subjects import NUM_CLASSES, keras_classifier
-from mnist_flax.config import MODELS
+from mnist_flax.benchmark_subjects import (
+    NUM_CLASSES,
+    import_keras,
+    keras_classifier,
+    keras_environment,
+)
+from mnist_flax.config import KERAS_BACKENDS, MODELS
 
 
-def images_and_one_hot(args: argparse.Namespace, split: str) -> tf.data.Dataset:
+def images_and_one_hot(args: argparse.Namespace, split: str):
     """The split's batches as `fit` takes them: (images, one-hot labels), padding dropped."""
+    import tensorflow as tf  # loaded already by input_pipeline, without Keras (runtime.py)
+
     source = input_pipeline.load_split(args.dataset, split, data_dir=args.data_dir)
     batches = input_pipeline.make_batches(
         source,
@@ -43,6 +51,7 @@ def images_and_one_hot(args: argparse.Namespace, split: str) -> tf.data.Dataset:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backend", choices=KERAS_BACKENDS, default=KERAS_BACKENDS[0])
     parser.add_argument("--weights", required=True, help="Keras MobileNetV2 H5 weights (no top)")
     parser.add_argument("--data-dir", default=None, help="IDX files (default: tfds)")
     parser.add_argument("--dataset", default="mnist")
@@ -55,6 +64,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
+    # Before anything imports Keras: its backend is fixed at its import.
+    keras = import_keras(args.backend)
+    environment = keras_environment(keras)
+    print(
+        f"Keras {environment['keras']} on {args.backend} {environment['backend_version']}, "
+        f"{environment['platform']}",
+        flush=True,
+    )
     model = keras_classifier(1.0, args.image_size, args.weights, args.seed, model=args.model)
     train, test = (images_and_one_hot(args, split) for split in (args.train_split, args.test_split))
     began = time.perf_counter()

@@ -16,11 +16,17 @@ Conv2D(3, relu) in front of the frozen backbone, on 28x28 digits in [0, 1]):
 - compile: the train step's one compilation (trace, lower and XLA compile), a single measurement;
 - forward: the classifier's plain forward pass (softmax probabilities), the work of `model.predict`;
 - end-to-end: the pipeline feeding the step, batches copied to the device ahead of the step;
-- with `--keras-baseline`, the same model in Keras (frozen MobileNetV2, GlobalAveragePooling2D,
-  Dense(10, softmax), Adam, categorical cross-entropy; with `--model notebook` the notebook's exact
-  Sequential model) on the same batch: `model.train_on_batch` (the compiled step `model.fit` runs)
-  and `model.predict_on_batch`, with the ratios ours / Keras; both rows record what they were fed
-  and their trainable and total parameter counts (Keras' row also its layers);
+- with `--keras-baseline [BACKEND ...]` (tensorflow, jax; the flag alone: tensorflow), the same
+  model in Keras 3 on each backend (frozen MobileNetV2, GlobalAveragePooling2D, Dense(10, softmax),
+  Adam, categorical cross-entropy; with `--model notebook` the notebook's exact Sequential model;
+  one per `--dtype`, bfloat16 as Keras' "mixed_bfloat16") on the same batch:
+  `model.train_on_batch` (the compiled step `model.fit` runs) and `model.predict_on_batch`, with the
+  ratios ours / Keras. Both rows record what they were fed and their trainable and total parameter
+  counts; Keras' row also its layers, its backend, versions and device, and, when both load the
+  same weights file, how far its outputs are from ours with ours' head copied in. A process holds
+  one Keras backend, so every backend but the one this process runs (`keras_backend_here`) is
+  measured in a process of its own, ours' step and forward pass interleaved with that Keras there,
+  and its rows are joined to this process' (`run_in_own_process`);
 - with `--measure cache` (pipeline model only), two complete `train.train_and_evaluate` runs of
   `--epochs` epochs on the same small data, `--cache-features never` and `always`, and the ratio
   of their wall times.
@@ -37,6 +43,7 @@ loader. The report says which. The command line is `mnist-flax benchmark` (its f
 
     mnist-flax benchmark --batch-size 32 128 --resize host device --json bench.json
     mnist-flax benchmark --keras-baseline --weights ../shared/weights/FILE.h5
+    mnist-flax benchmark --keras-baseline tensorflow jax --dtype float32 bfloat16 --weights imagenet
     mnist-flax benchmark --model notebook --keras-baseline --weights ../shared/FILE.h5
     mnist-flax benchmark --measure cache --data-dir ../shared/data/mnist --split test
 """
@@ -46,11 +53,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import itertools
 import json
 import os
 import pathlib
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -66,9 +76,17 @@ from mnist_flax.benchmark_subjects import (
     OurRun,
     Variant,
     cache_runs,
+    keras_weights,
+    loaded_keras_backend,
     resolve_weights,
 )
-from mnist_flax.config import DEFAULT_MEASUREMENTS, DIGIT_SIZE, MODELS, TrainConfig
+from mnist_flax.config import (
+    DEFAULT_MEASUREMENTS,
+    DIGIT_SIZE,
+    KERAS_MEASUREMENTS,
+    MODELS,
+    TrainConfig,
+)
 from mnist_flax.convolutions import resolve_conv_impl
 from mnist_flax.model import resolve_resize
 
@@ -223,9 +241,13 @@ def data_source(args: argparse.Namespace, num_examples: int) -> Iterator[DataSou
 
 
 def measure_group(
-    variants: list[Variant], args: argparse.Namespace, data: DataSource
-) -> tuple[list[dict], dict | None]:
-    """The rows of `variants` (same batch size and image size) and, with the baseline, Keras' row."""
+    variants: list[Variant],
+    args: argparse.Namespace,
+    data: DataSource,
+    keras_backend: str | None = None,
+) -> tuple[list[dict], list[dict]]:
+    """The rows of `variants` (same batch size and image size) and, on `keras_backend`, Keras' rows
+    (one per dtype of `variants`), all measured interleaved."""
     batch_size, image_size = variants[0].batch_size, variants[0].image_size
     split = input_pipeline.load_split("mnist", data.split, data_dir=data.data_dir)
     build_model = bool({"step", "forward", "end-to-end"} & set(args.measure))
@@ -257,7 +279,7 @@ def measure_group(
         return stream(ours.end_to_end_epoch(args.steps))
 
     measured: list[tuple[dict, str, StepMeasurement | StreamMeasurement]] = []
-    rows = []
+    rows, runs = [], []
     for variant in variants:
         print(f"{'compiling' if build_model else 'preparing'} {describe(variant)}", flush=True)
         ours = OurRun(
@@ -281,39 +303,65 @@ def measure_group(
             if name in args.measure:
                 measured.append((row, name, our_measurement(name, ours)))
         rows.append(row)
-    keras_row = None
-    if args.keras_baseline and {"step", "forward"} & set(args.measure):
-        print(
-            f"building the Keras {args.model} model ({batch_size} x {image_size}x{image_size})",
-            flush=True,
-        )
-        keras = KerasRun(batch_size, image_size, split, model=args.model, **common)
-        keras_row = {
-            "batch_size": batch_size,
-            "image_size": image_size,
-            "model": args.model,
-            "resize": resolve_resize("host", args.model),
-            "input": keras.input,
-            "parameters": keras.parameters,
-            "layers": keras.layers,
-        }
-        # Keras' calls return when their work is done: there is nothing to wait for after them.
-        for name, start in (("step", keras.train_step), ("forward", keras.forward)):
-            if name in args.measure:
-                measured.append((keras_row, name, steps(start, lambda _: None, False)))
+        runs.append(ours)
+    keras_rows: dict[str, dict] = {}
+    if keras_backend is not None and set(KERAS_MEASUREMENTS) & set(args.measure):
+        for dtype in dict.fromkeys(variant.dtype for variant in variants):
+            print(
+                f"building the Keras {args.model} model on {keras_backend} "
+                f"({batch_size} x {image_size}x{image_size}, {dtype})",
+                flush=True,
+            )
+            keras = KerasRun(
+                batch_size,
+                image_size,
+                split,
+                backend=keras_backend,
+                model=args.model,
+                dtype=dtype,
+                **common,
+            )
+            keras_row = {
+                "batch_size": batch_size,
+                "image_size": image_size,
+                "model": args.model,
+                "dtype": dtype,
+                "resize": resolve_resize("host", args.model),
+                **keras.environment,
+                "input": keras.input,
+                "parameters": keras.parameters,
+                "layers": keras.layers,
+            }
+            # Same weights file, ours' head copied in: the outputs must agree (random weights differ).
+            same_input = [
+                (row, ours)
+                for row, ours in zip(rows, runs, strict=True)
+                if row["dtype"] == dtype and ours.input == keras.input
+            ]
+            if weights != "none" and same_input:
+                row, ours = same_input[0]
+                keras_row["output_difference"] = keras.output_difference(ours)
+                keras_row["compared_with"] = f"conv {row['conv_impl']}, resize {row['resize']}"
+            # Keras' calls return when their work is done: there is nothing to wait for after them.
+            for name, start in (("step", keras.train_step), ("forward", keras.forward)):
+                if name in args.measure:
+                    measured.append((keras_row, name, steps(start, lambda _: None, False)))
+            keras_rows[dtype] = keras_row
 
     print(f"timing {len(measured)} measurements x {args.repeats} repetitions", flush=True)
     run_interleaved([measurement for _, _, measurement in measured], args.repeats)
     for row, name, measurement in measured:
         row[name] = measurement.summary()
-    if keras_row is not None:
-        for row in rows:
+    for row in rows:
+        keras_row = keras_rows.get(row["dtype"])
+        if keras_row is not None:
+            row["keras_backend"] = keras_backend
             row["ours_over_keras"] = {
                 name: row[name]["images_per_second"] / keras_row[name]["images_per_second"]
-                for name in ("step", "forward")
+                for name in KERAS_MEASUREMENTS
                 if name in keras_row
             }
-    return rows, keras_row
+    return rows, list(keras_rows.values())
 
 
 def measure_cache(args: argparse.Namespace, data: DataSource) -> dict:
@@ -405,9 +453,15 @@ COLUMNS: tuple[tuple[str, str, Callable[[dict], float | None]], ...] = (
 )
 
 
+# The table's name for Keras on each backend.
+KERAS_LABELS = {"tensorflow": "keras-tf", "jax": "keras-jax"}
+
+
 def _table(rows: list[dict], keras_rows: list[dict]) -> list[str]:
+    """Our rows, each process' after the rows of the Keras baseline they were measured with."""
+
     def settings(who, model, batch, size, dtype, conv_impl, resize) -> str:
-        return f"{who:5} {model:8} {batch:>5} {size:>4} {dtype:8} {conv_impl:10} {resize:6}"
+        return f"{who:9} {model:8} {batch:>5} {size:>4} {dtype:8} {conv_impl:10} {resize:9}"
 
     def cells(row: dict, who: str) -> str:
         values = (column(row) for _, _, column in COLUMNS)
@@ -426,8 +480,13 @@ def _table(rows: list[dict], keras_rows: list[dict]) -> list[str]:
         header + "".join(f"{heading:>9}" for heading, _, _ in COLUMNS),
         " " * len(header) + "".join(f"{unit:>9}" for _, unit, _ in COLUMNS),
     ]
-    lines += [cells(row, "ours") for row in rows]
-    lines += [cells(row, "keras") for row in keras_rows]
+    for backend in dict.fromkeys(row.get("keras_backend") for row in rows):
+        lines += [cells(row, "ours") for row in rows if row.get("keras_backend") == backend]
+        lines += [
+            cells(row, KERAS_LABELS[row["backend"]])
+            for row in keras_rows
+            if row["backend"] == backend
+        ]
     return lines
 
 
@@ -444,21 +503,38 @@ def _parameters(row: dict) -> str:
     return f"{counts['trainable']:,} of {counts['total']:,} parameters trainable"
 
 
+def keras_runtime(keras_row: dict) -> str:
+    """What a Keras row ran on, e.g. "Keras 3.15.1 on jax 0.10.2, gpu NVIDIA H200"."""
+    device = keras_row["platform"]
+    if keras_row["device"].lower() != device:
+        device += f" {keras_row['device']}"
+    return f"Keras {keras_row['keras']} on {keras_row['backend']} {keras_row['backend_version']}, {device}"
+
+
 def _models_compared(keras_row: dict, rows: list[dict]) -> str:
-    """What Keras' row timed (layers, input, parameters), beside ours of the same batch and size."""
+    """What Keras' row timed (runtime, layers, input, parameters, outputs), beside ours."""
     size = keras_row["image_size"]
     line = (
-        f"keras {keras_row['model']} model, batch {keras_row['batch_size']} {size}x{size}: "
-        f"{' > '.join(keras_row['layers'])} on {keras_row['input']}, {_parameters(keras_row)}"
+        f"{KERAS_LABELS[keras_row['backend']]} {keras_row['model']} model, batch "
+        f"{keras_row['batch_size']} {size}x{size} {keras_row['dtype']}: "
+        f"{keras_runtime(keras_row)}; {' > '.join(keras_row['layers'])} on "
+        f"{keras_row['input']}, {_parameters(keras_row)}"
     )
+    key = ("batch_size", "image_size", "dtype")
     ours = [
         row
         for row in rows
         if "parameters" in row
-        and (row["batch_size"], row["image_size"]) == (keras_row["batch_size"], size)
+        and row.get("keras_backend") == keras_row["backend"]
+        and all(row[name] == keras_row[name] for name in key)
     ]
     if ours:
         line += f"; ours on {ours[0]['input']}, {_parameters(ours[0])}"
+    if "output_difference" in keras_row:
+        line += (
+            f"; outputs max |ours - keras| {keras_row['output_difference']:.1e} "
+            f"(ours {keras_row['compared_with']}, its head copied into Keras)"
+        )
     return line
 
 
@@ -477,7 +553,10 @@ def format_report(results: dict) -> str:
     for row in results["rows"]:
         if "ours_over_keras" in row:
             ratios = ", ".join(f"{k} {v:.2f}x" for k, v in row["ours_over_keras"].items())
-            lines.append(f"ours / keras, {_label(row)}, resize {row['resize']}: {ratios}")
+            lines.append(
+                f"ours / {KERAS_LABELS[row['keras_backend']]}, {_label(row)}, "
+                f"resize {row['resize']}: {ratios}"
+            )
     for comparison in results["resize_comparisons"]:
         ratios = ", ".join(
             f"{name.removesuffix('_device_over_host')} {value:.2f}x"
@@ -531,10 +610,85 @@ def _check(args: argparse.Namespace) -> None:
             )
 
 
+def keras_backend_here(backends: Sequence[str]) -> str | None:
+    """Which of `backends` this process runs: the one Keras is loaded on, else (Keras not imported
+    yet) the first; None when Keras runs on another backend here."""
+    loaded = loaded_keras_backend()
+    if loaded is None:
+        return backends[0] if backends else None
+    return loaded if loaded in backends else None
+
+
+# What a process of its own runs: `run_in_own_process` passes the options and results files.
+_CHILD = (
+    "import sys; from mnist_flax import runtime; runtime.quiet_libraries(); "
+    "from mnist_flax import benchmark; benchmark.run_child(*sys.argv[1:])"
+)
+
+
+def run_in_own_process(args: argparse.Namespace, backend: str) -> dict:
+    """`run` in a new Python process with Keras on `backend`: our step and forward pass interleaved
+    with that Keras (the ratios come from that one process); returns its results.
+
+    Its output is relayed line by line, so that a notebook shows it too.
+    """
+    options = vars(args) | {
+        "keras_baseline": [backend],
+        "measure": [name for name in args.measure if name in KERAS_MEASUREMENTS],
+        "json": None,
+    }
+    label = KERAS_LABELS[backend]
+    print(f"{label}: in a process of its own (KERAS_BACKEND={backend})", flush=True)
+    with tempfile.TemporaryDirectory(prefix="mnist_flax_benchmark_") as directory:
+        options_file = pathlib.Path(directory, "options.json")
+        results_file = pathlib.Path(directory, "results.json")
+        options_file.write_text(json.dumps(options, default=str))
+        process = subprocess.Popen(
+            [sys.executable, "-c", _CHILD, str(options_file), str(results_file)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=os.environ | {"KERAS_BACKEND": backend},
+        )
+        last = ""
+        for line in process.stdout:
+            print(f"{label}: {line}", end="", flush=True)
+            last = line.strip() or last
+        status = process.wait()
+        if status != 0:
+            raise BenchmarkError(
+                f"--keras-baseline {backend}: its process (KERAS_BACKEND={backend}) exited with "
+                f"status {status}; its last line: {last}"
+            )
+        return json.loads(results_file.read_text())
+
+
+def run_child(options_file: str, results_file: str) -> None:
+    """The body of `run_in_own_process`'s process: `run` of the options in `options_file`."""
+    args = argparse.Namespace(**json.loads(pathlib.Path(options_file).read_text()))
+    pathlib.Path(results_file).write_text(json.dumps(run(args), default=str))
+
+
 def run(args: argparse.Namespace) -> dict:
-    """Measures what `args` asks for; returns the results (the JSON file's content)."""
+    """Measures what `args` asks for; returns the results (the JSON file's content).
+
+    With `--keras-baseline`, this process measures ours beside the backend `keras_backend_here`
+    names; every other backend runs first, in a process of its own (`run_in_own_process`), before
+    this one opens the device (a TPU admits one process at a time); their rows are appended.
+    """
     _check(args)
     load_start = [round(load, 2) for load in os.getloadavg()]
+    backends = args.keras_baseline if set(KERAS_MEASUREMENTS) & set(args.measure) else []
+    if backends:
+        if importlib.util.find_spec("keras") is None:
+            raise BenchmarkError(
+                "--keras-baseline needs Keras 3: pip install 'mnist-flax[keras]' (or keras)"
+            )
+        # A missing file or a directory Keras cannot read answers now, not in another process.
+        for size in args.image_size:
+            keras_weights(resolve_weights(args.weights, args.alpha, size))
+    here = keras_backend_here(backends)
+    others = [run_in_own_process(args, backend) for backend in backends if backend != here]
     variants = [
         Variant(*values, model=args.model)
         for values in itertools.product(
@@ -550,12 +704,16 @@ def run(args: argparse.Namespace) -> dict:
         if set(args.measure) - {"cache"}:
             groups = itertools.groupby(variants, key=lambda v: (v.batch_size, v.image_size))
             for _, group in groups:
-                rows, keras_row = measure_group(list(group), args, data)
+                rows, keras_rows = measure_group(list(group), args, data, here)
                 results["rows"] += rows
-                results["keras"] += [keras_row] if keras_row else []
+                results["keras"] += keras_rows
         if "cache" in args.measure:
             results["cache"] = measure_cache(args, data)
+    # This process' rows: the others measured only what Keras has a counterpart of.
     results["resize_comparisons"] = resize_comparisons(results["rows"])
+    for other in others:
+        results["rows"] += other["rows"]
+        results["keras"] += other["keras"]
     results["load_average"] = {
         "start": load_start,
         "end": [round(load, 2) for load in os.getloadavg()],

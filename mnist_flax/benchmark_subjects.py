@@ -6,10 +6,12 @@ the project's public API only (`model`, `steps.StepRunner`, `input_pipeline`, `t
 - `OurRun`: one variant's compiled train step, forward pass, input pipeline, and the pipeline
   feeding the step (`steps.prefetch_to_device`, as the epoch loop does), for either model
   (`--model`: the pipeline model on RGB images, or the notebook model on 28x28 digits in [0, 1]);
-- `KerasRun`: the same model in Keras (`keras_classifier`: frozen MobileNetV2,
-  GlobalAveragePooling2D, Dense(10, softmax), Adam, categorical cross-entropy; the notebook model
-  has the notebook's UpSampling2D + Conv2D(3, relu) in front) on the same batch, `train_on_batch`
-  and `predict_on_batch`;
+- `KerasRun`: the same model in Keras 3 on the backend named (`keras_classifier`: frozen
+  MobileNetV2, GlobalAveragePooling2D, Dense(10, softmax), Adam, categorical cross-entropy; the
+  notebook model has the notebook's UpSampling2D + Conv2D(3, relu) in front; bfloat16 as Keras'
+  "mixed_bfloat16" policy) on the same batch, `train_on_batch` and `predict_on_batch`, and a check
+  that it computes what ours computes (`KerasRun.output_difference`). A Keras backend is fixed when
+  Keras is imported: `import_keras` imports it on the backend asked for, or says why it cannot;
 - `cache_runs`: two complete `train.train_and_evaluate` runs, `--cache-features never` and `always`.
 """
 
@@ -17,7 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import pathlib
+import sys
 import tempfile
 import time
 from typing import Any
@@ -153,6 +157,23 @@ class OurRun:
     def start_forward(self) -> jax.Array:
         return self.runner.predict(self.batch["image"])
 
+    def trained_layers(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """(kernel, bias) of the layers the frozen stage trains: the head's, the adapter's if any."""
+        from flax import nnx
+
+        model = nnx.merge(self.runner.model_def, self.runner.model_state)
+        layers = {"head": model.head}
+        if model.adapter is not None:
+            layers["adapter"] = model.adapter.conv
+        return {
+            name: (np.asarray(layer.kernel[...]), np.asarray(layer.bias[...]))
+            for name, layer in layers.items()
+        }
+
+    def probabilities(self, images) -> np.ndarray:
+        """The forward pass (softmax probabilities) of a batch shaped like this run's."""
+        return np.asarray(self.runner.predict(jax.device_put(np.asarray(images))))
+
     # Stream measurements: one epoch, timed after its first batch.
 
     def pipeline_epoch(self, num_batches: int) -> tuple[int, Any]:
@@ -201,6 +222,58 @@ def count_parameters(model) -> dict[str, int]:
     return {"trainable": int(trainable), "total": int(total)}
 
 
+def loaded_keras_backend() -> str | None:
+    """The backend of the Keras imported in this process, None before Keras is imported."""
+    keras = sys.modules.get("keras")
+    return None if keras is None else keras.backend.backend()
+
+
+def import_keras(backend: str):
+    """Keras 3 on `backend` (`config.KERAS_BACKENDS`); sets KERAS_BACKEND when Keras is not loaded yet.
+
+    Keras reads its backend once, when it is imported, so a process holds one: asking for another
+    than the one loaded is a `SubjectError` (`benchmark.py` runs that backend in a process of its
+    own). TensorFlow's own import pulls Keras in with TensorFlow's backend unless Keras is hidden
+    (`runtime.import_tensorflow`, as this project imports it), so call this before any plain
+    `import tensorflow`.
+    """
+    loaded = loaded_keras_backend()
+    if loaded is None:
+        os.environ["KERAS_BACKEND"] = backend
+    import keras  # only with --keras-baseline: the project itself never needs Keras
+
+    if keras.backend.backend() != backend:
+        raise SubjectError(
+            f"--keras-baseline {backend}: Keras runs on {keras.backend.backend()} in this "
+            "process, and a Keras backend cannot change once Keras is imported"
+        )
+    return keras
+
+
+def keras_environment(keras) -> dict[str, str]:
+    """What Keras runs on: its backend, their versions, and the device its computations run on."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        device = jax.devices()[0]
+        platform, kind, version = jax.default_backend(), device.device_kind, jax.__version__
+    else:
+        import tensorflow as tf
+
+        # The tensorflow-cpu build (this project's dependency on x86-64 Linux) sees no GPU.
+        platform, kind, version = "cpu", "cpu", tf.__version__
+        gpus = tf.config.list_physical_devices("GPU")
+        if gpus:
+            details = tf.config.experimental.get_device_details(gpus[0])
+            platform, kind = "gpu", details.get("device_name", "gpu")
+    return {
+        "backend": backend,
+        "keras": keras.__version__,
+        "backend_version": version,
+        "platform": platform,
+        "device": kind,
+    }
+
+
 def describe_keras_layer(layer) -> str:
     """A Keras layer as the report shows it, e.g. "UpSampling2D(4, 4)", "Conv2D(3, 3x3, relu)"."""
     kind = type(layer).__name__
@@ -222,8 +295,26 @@ def keras_parameters(model) -> dict[str, int]:
     return {"trainable": trainable, "total": int(model.count_params())}
 
 
+def keras_weights(weights: str) -> str | None:
+    """`resolve_weights`' answer as Keras' `weights=`: None for random, else the H5 file."""
+    if weights == "none":
+        return None
+    if pathlib.Path(weights).is_dir():
+        raise SubjectError(
+            f"--keras-baseline: Keras cannot load the converted directory {weights}; "
+            "pass --weights imagenet, none or an H5 file"
+        )
+    return weights
+
+
 def keras_classifier(
-    alpha: float, image_size: int, weights: str, seed: int, *, model: str = MODELS[0]
+    alpha: float,
+    image_size: int,
+    weights: str,
+    seed: int,
+    *,
+    model: str = MODELS[0],
+    dtype: str = "float32",
 ):
     """The Keras model `model` names (`config.MODELS`), compiled as the tutorial compiles it.
 
@@ -232,28 +323,33 @@ def keras_classifier(
     `Sequential([InputLayer((28, 28, 1)), UpSampling2D(image_size // 28), Conv2D(3, (3, 3),
     padding="same", activation="relu"), base, GlobalAveragePooling2D(), Dense(10, softmax)])`.
     Both: `compile(optimizer="adam", loss="categorical_crossentropy", metrics=["accuracy"])`.
+    dtype "bfloat16" computes as ours does (`model.py`): the backbone and the pooling under Keras'
+    "mixed_bfloat16" policy (float32 variables), the adapter and the head in float32.
+    Keras is the one imported (`import_keras` picks its backend).
     """
-    import keras  # only with --keras-baseline: the project itself never needs Keras
+    import keras
 
-    if pathlib.Path(weights).is_dir():
-        raise SubjectError(
-            f"--keras-baseline: Keras cannot load the converted directory {weights}; "
-            "pass --weights imagenet, none or an H5 file"
-        )
     keras.utils.set_random_seed(seed)
-    backbone = keras.applications.MobileNetV2(
-        input_shape=(image_size, image_size, 3),
-        alpha=alpha,
-        include_top=False,
-        weights=None if weights == "none" else weights,
-    )
+    backbone_policy = "mixed_bfloat16" if dtype == "bfloat16" else "float32"
+    # keras.applications builds under the global policy; set for the backbone alone.
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(backbone_policy)
+    try:
+        backbone = keras.applications.MobileNetV2(
+            input_shape=(image_size, image_size, 3),
+            alpha=alpha,
+            include_top=False,
+            weights=keras_weights(weights),
+        )
+    finally:
+        keras.config.set_dtype_policy(previous)
     backbone.trainable = False
     if model == "notebook":
         factor = image_size // DIGIT_SIZE
         inputs = [
             keras.layers.InputLayer(shape=(DIGIT_SIZE, DIGIT_SIZE, 1)),
-            keras.layers.UpSampling2D(size=(factor, factor)),
-            keras.layers.Conv2D(3, (3, 3), padding="same", activation="relu"),
+            keras.layers.UpSampling2D(size=(factor, factor), dtype="float32"),
+            keras.layers.Conv2D(3, (3, 3), padding="same", activation="relu", dtype="float32"),
         ]
     else:
         inputs = [keras.layers.InputLayer(shape=(image_size, image_size, 3))]
@@ -261,8 +357,8 @@ def keras_classifier(
         [
             *inputs,
             backbone,
-            keras.layers.GlobalAveragePooling2D(),
-            keras.layers.Dense(NUM_CLASSES, activation="softmax"),
+            keras.layers.GlobalAveragePooling2D(dtype=backbone_policy),
+            keras.layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32"),
         ]
     )
     classifier.compile(
@@ -272,11 +368,12 @@ def keras_classifier(
 
 
 class KerasRun:
-    """Keras' train step and forward pass of `model`'s classifier on one batch.
+    """Keras' train step and forward pass of `model`'s classifier on one batch, on `backend`.
 
     The batch is what that model reads: the tf.data host-resized RGB images in [-1, 1] (pipeline),
-    or the 28x28 digits as the notebook's `x / 255` (notebook). `input`, `layers` and `parameters`
-    say what was timed.
+    or the 28x28 digits as the notebook's `x / 255` (notebook), held as the backend's tensors (on
+    JAX, on the device, as ours are). `input`, `layers`, `parameters` and `environment` say what
+    was timed, on what.
     """
 
     def __init__(
@@ -285,21 +382,27 @@ class KerasRun:
         image_size: int,
         split: input_pipeline.Split,
         *,
+        backend: str,
         weights: str,
         alpha: float,
         seed: int,
         model: str = MODELS[0],
+        dtype: str = "float32",
     ):
-        self.model = keras_classifier(alpha, image_size, weights, seed, model=model)
+        keras = import_keras(backend)
+        self.environment = keras_environment(keras)
+        self.model = keras_classifier(alpha, image_size, weights, seed, model=model, dtype=dtype)
         import tensorflow as tf  # here, after Keras: `runtime.import_tensorflow` says why
 
         raw = next(iter(exact_size(split, batch_size).examples.batch(batch_size)))
         if model == "notebook":
-            self.images = tf.cast(raw["image"], tf.float32) / 255.0
+            images = tf.cast(raw["image"], tf.float32) / 255.0
         else:
-            self.images = input_pipeline.preprocess_images(raw["image"], image_size)
-        self.labels = tf.one_hot(raw["label"], NUM_CLASSES)
-        self.input = describe_input(self.images)
+            images = input_pipeline.preprocess_images(raw["image"], image_size)
+        self.images_array = images.numpy()
+        self.images = keras.ops.convert_to_tensor(self.images_array)
+        self.labels = keras.ops.convert_to_tensor(tf.one_hot(raw["label"], NUM_CLASSES).numpy())
+        self.input = describe_input(self.images_array)
         self.layers = [describe_keras_layer(layer) for layer in self.model.layers]
         self.parameters = keras_parameters(self.model)
 
@@ -308,6 +411,20 @@ class KerasRun:
 
     def forward(self) -> None:
         self.model.predict_on_batch(self.images)
+
+    def output_difference(self, ours: OurRun) -> float:
+        """max |ours - Keras| of the softmax outputs on this batch, ours' trained layers copied in.
+
+        Both load the same backbone weights, so with the head (and adapter) set to ours the two
+        models compute the same function; a difference beyond rounding is a different model.
+        """
+        trained = ours.trained_layers()
+        self.model.layers[-1].set_weights(list(trained["head"]))
+        if "adapter" in trained:
+            (conv,) = [layer for layer in self.model.layers if type(layer).__name__ == "Conv2D"]
+            conv.set_weights(list(trained["adapter"]))
+        theirs = np.asarray(self.model.predict_on_batch(self.images), np.float32)
+        return float(np.abs(ours.probabilities(self.images_array) - theirs).max())
 
 
 def cache_runs(config: TrainConfig, repeats: int) -> dict:

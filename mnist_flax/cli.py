@@ -64,6 +64,13 @@ def _add_config_flags(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] 
         )
 
 
+class _KerasBackends(argparse.Action):
+    """`--keras-baseline [BACKEND ...]`: the backends named, each once; the flag alone, the first."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, list(dict.fromkeys(values or config.KERAS_BACKENDS[:1])))
+
+
 def _add_benchmark_flags(parser: argparse.ArgumentParser) -> None:
     """`mnist-flax benchmark`'s flags (the work: `benchmark.py`)."""
     sweep = parser.add_argument_group("swept options (every combination is one row)")
@@ -109,7 +116,18 @@ def _add_benchmark_flags(parser: argparse.ArgumentParser) -> None:
         default=list(config.DEFAULT_MEASUREMENTS),
         help="what to measure",
     )
-    protocol.add_argument("--keras-baseline", action="store_true", help="also time Keras/TF")
+    protocol.add_argument(
+        "--keras-baseline",
+        nargs="*",
+        choices=config.KERAS_BACKENDS,
+        default=[],
+        action=_KerasBackends,
+        metavar="BACKEND",
+        help="also time the same model in Keras 3 on each BACKEND "
+        f"({', '.join(config.KERAS_BACKENDS)}; the flag alone: {config.KERAS_BACKENDS[0]}), "
+        "interleaved with ours; a backend other than the one Keras runs on in this process "
+        "runs in a process of its own",
+    )
     protocol.add_argument("--steps", type=int, default=10, help="timed steps a repetition")
     protocol.add_argument("--repeats", type=int, default=5, help="timed repetitions")
     protocol.add_argument("--warmup", type=int, default=2, help="untimed steps first")

@@ -51,6 +51,10 @@ EVALUATE_CHECKPOINTS = ("auto", "best", "latest")
 # What `mnist-flax benchmark` can measure (`benchmark.py`), and what it measures unless told.
 MEASUREMENTS = ("pipeline", "step", "forward", "end-to-end", "cache")
 DEFAULT_MEASUREMENTS = ("pipeline", "step", "forward", "end-to-end")
+# The measurements Keras has a counterpart of (`train_on_batch`, `predict_on_batch`), and the Keras 3
+# backends `--keras-baseline` runs them on, the first being what a bare `--keras-baseline` means.
+KERAS_MEASUREMENTS = ("step", "forward")
+KERAS_BACKENDS = ("tensorflow", "jax")
 
 
 class ConfigError(ValueError):

@@ -4,8 +4,13 @@ No timing thresholds: a shared 2-core machine makes any figure noisy. The runs c
 measurement is present and is a positive, finite number, in the printed table and in the JSON file.
 """
 
+import importlib.metadata
 import json
 import math
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -88,7 +93,8 @@ def test_the_notebooks_call_measures_everything(tmp_path, capsys):
     assert row["input"] == "float32 [32, 32, 3]"
     assert row["parameters"]["trainable"] == HEAD_PARAMETERS
     assert len(saved["load_average"]["start"]) == 3
-    assert capsys.readouterr().out.count("\nours  pipeline ") == 1
+    table_rows = [line.split()[:2] for line in capsys.readouterr().out.splitlines()]
+    assert table_rows.count(["ours", "pipeline"]) == 1
 
 
 @pytest.mark.slow
@@ -113,34 +119,58 @@ def test_resize_modes_are_compared(tmp_path, capsys):
     assert table.count("\nours ") == 2
 
 
+def versions() -> dict[str, str]:
+    """The installed versions of Keras and of each backend's library."""
+    return {name: importlib.metadata.version(name) for name in ("keras", "jax", "tensorflow-cpu")}
+
+
 @pytest.mark.slow
-def test_keras_baseline_with_the_shared_weights(tmp_path, mnist_idx_dir, imagenet_h5_keras2):
-    weights = imagenet_h5_keras2
+@pytest.mark.parametrize("model, size", [("pipeline", "32"), ("notebook", "56")])
+def test_each_keras_backend_builds_our_model_on_the_shared_weights(
+    model, size, tmp_path, capsys, mnist_idx_dir, imagenet_h5_keras2
+):
+    """Keras on TensorFlow and on JAX (in a process of its own) hold the same parameters as ours
+    and, with ours' head copied in, compute the same outputs from the real weights."""
     json_file = tmp_path / "bench.json"
+    tiny = [arg if arg != "32" else size for arg in TINY]
     run_benchmark(
         [
-            *["--batch-size", "2", "--weights", str(weights), "--keras-baseline", *TINY],
-            *["--data-dir", str(mnist_idx_dir), "--split", "test"],
-            *["--measure", "step", "forward", "--json", str(json_file)],
+            *["--model", model, "--batch-size", "2", "--weights", str(imagenet_h5_keras2), *tiny],
+            *["--keras-baseline", "tensorflow", "jax", "--data-dir", str(mnist_idx_dir)],
+            *["--split", "test", "--measure", "step", "forward", "--json", str(json_file)],
         ]
     )
     saved = json.loads(json_file.read_text())
     assert "IDX files" in saved["data"]
-    (keras,) = saved["keras"]
-    (row,) = saved["rows"]
-    for name in ("step", "forward"):
-        assert_positive_finite(keras[name])
-        assert_positive_finite(row[name])
-    assert "pipeline" not in row
-    assert keras["model"] == row["model"] == "pipeline"
-    assert keras["input"] == row["input"] == "float32 [32, 32, 3]"
-    assert keras["layers"][0].startswith("mobilenetv2_1.00")
-    assert keras["parameters"] == row["parameters"]
-    assert keras["parameters"]["trainable"] == HEAD_PARAMETERS
-    assert_positive_finite(row["ours_over_keras"])
-    assert row["ours_over_keras"]["step"] == pytest.approx(
-        row["step"]["images_per_second"] / keras["step"]["images_per_second"]
-    )
+    assert [keras["backend"] for keras in saved["keras"]] == ["tensorflow", "jax"]
+    library = {"tensorflow": "tensorflow-cpu", "jax": "jax"}
+    for keras in saved["keras"]:
+        backend = keras["backend"]
+        (row,) = [row for row in saved["rows"] if row["keras_backend"] == backend]
+        for name in ("step", "forward"):
+            assert_positive_finite(keras[name])
+            assert_positive_finite(row[name])
+        assert "pipeline" not in row
+        assert keras["model"] == row["model"] == model
+        assert keras["input"] == row["input"]
+        assert keras["keras"] == versions()["keras"]
+        assert keras["backend_version"] == versions()[library[backend]]
+        assert (keras["platform"], keras["device"]) == ("cpu", "cpu")
+        assert keras["layers"][-3].startswith("mobilenetv2_1.00")
+        assert keras["parameters"] == row["parameters"]
+        assert keras["output_difference"] <= 1e-4
+        # The ratio comes from the rows of one process: ours beside that backend's Keras.
+        assert row["ours_over_keras"]["step"] == pytest.approx(
+            row["step"]["images_per_second"] / keras["step"]["images_per_second"]
+        )
+    out = capsys.readouterr().out
+    jax_version = versions()["jax"]
+    assert f": Keras {versions()['keras']} on jax {jax_version}, cpu; " in out
+    assert f"\nours / keras-jax, {model} model, batch 2 {size}x{size} float32" in out
+    assert f"\nours / keras-tf, {model} model, batch 2 {size}x{size} float32" in out
+    table_rows = [line.split()[:3] for line in out.splitlines()]
+    for who in ("ours", "keras-tf", "keras-jax"):
+        assert table_rows.count([who, model, "2"]) == (2 if who == "ours" else 1)
 
 
 @pytest.mark.slow
@@ -172,15 +202,20 @@ def test_notebook_model_is_timed_on_both_sides(tmp_path, capsys):
     run_benchmark(
         [
             *["--model", "notebook", "--batch-size", "2", "--alpha", "0.35", "--weights", "none"],
-            *[*tiny, "--keras-baseline", "--json", str(json_file)],
+            *[*tiny, "--keras-baseline", "jax", "--json", str(json_file)],
         ]
     )
     saved = json.loads(json_file.read_text())
-    (row,) = saved["rows"]
+    # Ours measured here; the Keras on JAX, with ours' step and forward, wherever Keras runs on it.
     (keras,) = saved["keras"]
-    check_our_row(row, timed_steps=2 * 2)
+    # Ours measured beside Keras on JAX: here, or in a process of its own where Keras runs on
+    # TensorFlow here (then ours' whole row is measured here too).
+    (row,) = [row for row in saved["rows"] if row.get("keras_backend") == "jax"]
     for name in ("step", "forward"):
         assert_positive_finite(keras[name])
+        assert_positive_finite(row[name])
+    check_our_row(saved["rows"][0], timed_steps=2 * 2)
+    assert (keras["backend"], keras["dtype"]) == ("jax", "float32")
     assert row["model"] == keras["model"] == "notebook"
     assert row["resize"] == keras["resize"] == "none"
     assert row["input"] == keras["input"] == "float32 [28, 28, 1]"
@@ -190,15 +225,15 @@ def test_notebook_model_is_timed_on_both_sides(tmp_path, capsys):
     # Both train the adapter and the head, and hold the same parameters in all.
     assert keras["parameters"] == row["parameters"]
     assert row["parameters"]["trainable"] == ADAPTER_PARAMETERS + HEAD_PARAMETERS
+    # Random weights: Keras' backbone is not ours, so no outputs are compared.
+    assert "output_difference" not in keras
     assert saved["resize_comparisons"] == []
     out = capsys.readouterr().out
     table_rows = [line.split()[:3] for line in out.splitlines()]
-    assert table_rows.count(["ours", "notebook", "2"]) == 1
-    assert table_rows.count(["keras", "notebook", "2"]) == 1
-    assert (
-        "\nkeras notebook model, batch 2 56x56: UpSampling2D(2, 2) > Conv2D(3, 3x3, relu) >" in out
-    )
-    assert "\nours / keras, notebook model, batch 2 56x56" in out
+    assert table_rows.count(["keras-jax", "notebook", "2"]) == 1
+    assert "\nkeras-jax notebook model, batch 2 56x56 float32: Keras " in out
+    assert "UpSampling2D(2, 2) > Conv2D(3, 3x3, relu) > mobilenetv2_0.35_56" in out
+    assert "\nours / keras-jax, notebook model, batch 2 56x56 float32" in out
 
 
 @pytest.mark.parametrize(
@@ -215,6 +250,25 @@ def test_notebook_model_rejects_pipeline_only_measures(flags, error, capsys):
     assert lines[-1].startswith(f"error: {error}")
 
 
+def test_keras_baseline_names_its_backends():
+    def backends(*flags: str) -> list[str]:
+        return cli.build_parser().parse_args(["benchmark", *flags]).keras_baseline
+
+    assert backends() == []
+    assert backends("--keras-baseline") == ["tensorflow"]  # the flag alone, as before backends
+    assert backends("--keras-baseline", "jax", "tensorflow", "jax") == ["jax", "tensorflow"]
+
+
+def test_keras_baseline_errors_answer_before_measuring(tmp_path, capsys):
+    assert cli.main(["benchmark", "--keras-baseline", "torch"]) == 2
+    assert "invalid choice: 'torch'" in capsys.readouterr().err
+    # Keras cannot read a converted directory: said at once, before any process of its own.
+    flags = ["--weights", str(tmp_path), "--keras-baseline", "tensorflow", "jax", *TINY]
+    assert cli.main(["benchmark", *flags]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: --keras-baseline: Keras cannot load the converted directory")
+
+
 def test_missing_weights_file_is_one_line_error(tmp_path, capsys):
     assert cli.main(["benchmark", "--weights", str(tmp_path / "missing.h5"), *TINY]) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
@@ -227,3 +281,23 @@ def test_the_benchmark_is_a_subcommand_with_every_flag(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "--keras-baseline" in out and "--cache-examples" in out and "--conv-impl" in out
+
+
+@pytest.mark.slow
+def test_keras_tutorial_job_runs_on_the_jax_backend(idx_dir):
+    """benchmarks/keras_tutorial_job.py, what the whole-process rounds time, with --backend jax."""
+    script = pathlib.Path(__file__).parents[1] / "benchmarks" / "keras_tutorial_job.py"
+    flags = ["--backend", "jax", "--weights", "none", "--data-dir", str(idx_dir)]
+    flags += ["--train-split", "train[:8]", "--test-split", "test[:4]", "--image-size", "32"]
+    done = subprocess.run(
+        [sys.executable, str(script), *flags, "--batch-size", "4", "--epochs", "1"],
+        capture_output=True,
+        text=True,
+        env={name: value for name, value in os.environ.items() if name != "KERAS_BACKEND"},
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith(f"Keras {versions()['keras']} on jax {versions()['jax']}, cpu")
+    assert lines[1].startswith("epoch 1/1  test accuracy ")
+    assert lines[-1].startswith("fit: ")
