@@ -14,23 +14,34 @@ best validation accuracy. Nothing is ever chosen by test accuracy.
 A run resumes only into a workdir that holds the same run: `check_workdir` compares the fields of
 `MUST_MATCH` with what the workdir's checkpoint (or history.json) recorded and refuses, before
 anything is written, when they differ.
+
+A checkpoint that does not read whole (a file emptied, cut short or missing, as a full disk or a
+partial copy leaves it) is reported in one line and passed over for the newest one that reads:
+`RunCheckpoints.readable`, which training, evaluation and any later reader call. Training also
+sets it aside, out of `checkpoints/` into `damaged-checkpoints/`, never deleting it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import os
 import pathlib
+import sys
 import tempfile
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 from orbax.checkpoint import checkpoint_managers
 
 CHECKPOINT_DIR = "checkpoints"
+# Where training moves the checkpoints that do not read, as <epoch>-<when>/.
+DAMAGED_DIR = "damaged-checkpoints"
 HISTORY_FILE = "history.json"
 KEEP_LATEST = 3
 # What a resumed run must share with the checkpointed one: the model (weights source, width, input
@@ -72,6 +83,19 @@ class WorkdirError(ValueError):
     """The workdir cannot be written, or holds nothing to evaluate."""
 
 
+class DamagedCheckpointsError(WorkdirError):
+    """The workdir has checkpoints and none of them reads."""
+
+
+@dataclasses.dataclass
+class Readable:
+    """The checkpoint `RunCheckpoints.readable` chose, and those passed over for it."""
+
+    epoch: int
+    meta: dict  # the epoch, data seed, config and history it recorded
+    passed_over: list[int]  # the epochs asked for before it that do not read
+
+
 @dataclasses.dataclass
 class Restored:
     """One epoch's checkpoint, read back."""
@@ -84,29 +108,24 @@ class Restored:
     history: list[dict]
 
 
-def _recorded_run_config(workdir: pathlib.Path) -> tuple[dict, str] | None:
-    """The config the workdir's latest checkpoint (or else its history.json) recorded, and where."""
-    store = RunCheckpoints(workdir, read_only=True)
-    try:
-        epoch = store.latest_epoch()
-        if epoch is not None:
-            return store.run_config(epoch), f"its epoch-{epoch} checkpoint"
-    finally:
-        store.close()
+def _recorded_history_config(workdir: pathlib.Path) -> dict | None:
+    """The config the workdir's history.json recorded (a workdir without checkpoints), or None."""
     history = workdir / HISTORY_FILE
-    if history.is_file():
-        try:
-            return json.loads(history.read_text())["config"], str(history)
-        except (ValueError, KeyError, TypeError) as error:
-            raise CheckpointMismatchError(
-                f"{history} is not a history file of this project ({error}); "
-                "choose another --workdir"
-            ) from None
-    return None
+    if not history.is_file():
+        return None
+    try:
+        return json.loads(history.read_text())["config"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise CheckpointMismatchError(
+            f"{history} is not a history file of this project ({error}); choose another --workdir"
+        ) from None
 
 
-def _check_writable(workdir: pathlib.Path) -> None:
+def check_writable(workdir: str | os.PathLike) -> None:
     """Raises WorkdirError unless files can be created in `workdir` (or where it would be made)."""
+    workdir = pathlib.Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise WorkdirError(f"--workdir {workdir} is a file; choose a directory")
     existing = workdir
     while not existing.exists():
         existing = existing.parent
@@ -125,14 +144,18 @@ def _check_writable(workdir: pathlib.Path) -> None:
         ) from None
 
 
-def check_workdir(workdir: str | os.PathLike, run_config: dict) -> None:
-    """Refuses, without writing anything, a workdir of another run or one that cannot be written."""
+def check_workdir(
+    workdir: str | os.PathLike, run_config: dict, *, say: Callable[[str], None]
+) -> int:
+    """The epoch a run of `run_config` resumes from in `workdir` (0: none, it starts afresh).
+
+    Refuses, without writing anything, a workdir of another run (by its newest checkpoint that
+    reads, or else its history.json). Then sets aside the newer checkpoints that do not read,
+    saying so with `say` (`RunCheckpoints.readable`). Call it holding the workdir's lock.
+    """
     workdir = pathlib.Path(workdir)
-    if workdir.exists() and not workdir.is_dir():
-        raise WorkdirError(f"--workdir {workdir} is a file; choose a directory")
-    recorded = _recorded_run_config(workdir) if workdir.is_dir() else None
-    if recorded is not None:
-        recorded_config, source = recorded
+
+    def same_run(recorded_config: dict, source: str) -> None:
         differences = [
             f"{field}={recorded_config.get(field)!r} (asked {run_config.get(field)!r})"
             for field in MUST_MATCH
@@ -143,7 +166,23 @@ def check_workdir(workdir: str | os.PathLike, run_config: dict) -> None:
                 f"--workdir {workdir} holds another run ({source} has {', '.join(differences)}); "
                 "pass the same options to resume it, or choose another --workdir"
             )
-    _check_writable(workdir)
+
+    if (workdir / CHECKPOINT_DIR).is_dir():
+        store = RunCheckpoints(workdir, read_only=True)
+        try:
+            found = store.readable(
+                say=say,
+                set_aside=True,
+                check=lambda epoch, meta: same_run(meta["config"], f"its epoch-{epoch} checkpoint"),
+            )
+        finally:
+            store.close()
+        if found is not None:
+            return found.epoch
+    recorded = _recorded_history_config(workdir)
+    if recorded is not None:
+        same_run(recorded, str(workdir / HISTORY_FILE))
+    return 0
 
 
 def to_saved(state: Any) -> dict:
@@ -193,19 +232,118 @@ class RunCheckpoints:
                 enable_async_checkpointing=False,
             )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._read: dict[int, dict | str] = {}  # epoch -> its meta, or what failed to read
+        self._said: set[int] = set()  # the epochs said not to read
 
-    def latest_epoch(self) -> int | None:
-        return self.manager.latest_step()
+    def readable(
+        self,
+        epochs: Sequence[int] | None = None,
+        *,
+        say: Callable[[str], None],
+        set_aside: bool = False,
+        check: Callable[[int, dict], None] | None = None,
+    ) -> Readable | None:
+        """The first of `epochs` (default: every kept epoch, newest first) whose checkpoint reads
+        whole; None when there is no checkpoint.
 
-    def best_epoch(self, metric: str = BEST_METRIC) -> int | None:
-        """The kept epoch with the highest `metric` in the run's history (the latest of equals);
-        None when no kept epoch recorded it (a run without a validation split)."""
-        latest = self.latest_epoch()
-        if latest is None:
+        Each one before it that does not read is said with `say`, in one line naming what failed
+        (once per store), and passed over; with `set_aside` (training, which holds the workdir's
+        lock) it is moved to `<workdir>/damaged-checkpoints/<epoch>-<time>/`, never deleted, where
+        Orbax no longer lists it. `check(epoch, meta)` runs on the chosen checkpoint before anything
+        is moved (a refusal then writes nothing). When none of `epochs` reads, each is said, nothing
+        is moved and DamagedCheckpointsError is raised.
+        """
+        if epochs is None:
+            epochs = sorted(self.manager.all_steps(), reverse=True)
+        if not epochs:
             return None
-        recorded = {r["epoch"]: r[metric] for r in self.run_meta(latest)["history"] if metric in r}
+        passed_over = []
+        for epoch in epochs:
+            if isinstance(self._read_whole(epoch), dict):
+                break
+            passed_over.append(epoch)
+        else:
+            for epoch in passed_over:
+                self._say_unreadable(epoch, say, "")
+            history = self.directory.parent / HISTORY_FILE
+            raise DamagedCheckpointsError(
+                f"no checkpoint in {self.directory} can be read (epoch"
+                f"{'s' if len(passed_over) > 1 else ''} {', '.join(map(str, passed_over))}, as "
+                f"said above); nothing was moved: restore them from a copy, or move "
+                f"{self.directory} and {history} away to train the run again from the start"
+            )
+        meta = self._read_whole(epoch)
+        if check is not None:
+            check(epoch, meta)
+        for damaged in passed_over:
+            if set_aside:
+                moved = self._set_aside(damaged)
+                self._say_unreadable(damaged, say, f"; moved it to {moved}")
+            else:
+                self._say_unreadable(
+                    damaged,
+                    say,
+                    f"; passing over it (training on this workdir again moves it to "
+                    f"{self.directory.parent / DAMAGED_DIR})",
+                )
+        return Readable(epoch=epoch, meta=meta, passed_over=passed_over)
+
+    def ranked(self, history: list[dict], metric: str = BEST_METRIC) -> list[int]:
+        """The kept epochs that recorded `metric` in `history`, best first (the later of equals);
+        empty in a run without a validation split."""
+        recorded = {r["epoch"]: r[metric] for r in history if metric in r}
         kept = [epoch for epoch in self.manager.all_steps() if epoch in recorded]
-        return max(kept, key=lambda epoch: (recorded[epoch], epoch)) if kept else None
+        return sorted(kept, key=lambda epoch: (recorded[epoch], epoch), reverse=True)
+
+    def _read_whole(self, epoch: int) -> dict | str:
+        """Epoch `epoch`'s meta when every part of its checkpoint reads, as saved (no model is
+        needed to read it), else what failed. Read once per store."""
+        if epoch not in self._read:
+            self._read[epoch] = self._try_reading(epoch)
+        return self._read[epoch]
+
+    def _try_reading(self, epoch: int) -> dict | str:
+        part = "meta"
+        try:
+            meta = self.run_meta(epoch)
+            missing = {"epoch", "data_seed", "config", "history"} - set(meta)
+            if missing:
+                raise ValueError(f"it records no {', '.join(sorted(missing))}")
+            for part in ("trainable", "optimizer"):
+                saved = ocp.StandardCheckpointHandler().metadata(self.directory / str(epoch) / part)
+                # Host arrays of the saved shapes: read on any device count.
+                target = jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), saved.tree)
+                self.manager.restore(
+                    epoch, args=ocp.args.Composite(**{part: ocp.args.StandardRestore(target)})
+                )
+        # Orbax and TensorStore fail to read in many types (ValueError, OSError, KeyError, JSON's,
+        # a bare Exception); whichever it is, this checkpoint does not read.
+        except Exception as error:
+            _hush_abandoned_reads()
+            return f"{part}: {_innermost_line(error)}"
+        return meta
+
+    def _say_unreadable(self, epoch: int, say: Callable[[str], None], then: str) -> None:
+        if epoch not in self._said:
+            self._said.add(epoch)
+            say(
+                f"the epoch-{epoch} checkpoint in {self.directory} cannot be read "
+                f"({self._read[epoch]}){then}"
+            )
+
+    def _set_aside(self, epoch: int) -> pathlib.Path:
+        """Moves epoch `epoch`'s checkpoint to `<workdir>/damaged-checkpoints/<epoch>-<time>/`."""
+        damaged = self.directory.parent / DAMAGED_DIR
+        damaged.mkdir(exist_ok=True)
+        name = f"{epoch}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+        target, copies = damaged / name, 1
+        while target.exists():
+            copies += 1
+            target = damaged / f"{name}-{copies}"
+        # A rename within the workdir: atomic, and nothing is copied or deleted.
+        os.rename(self.directory / str(epoch), target)
+        self.manager.reload()
+        return target
 
     def save(
         self,
@@ -234,9 +372,6 @@ class RunCheckpoints:
         return self.manager.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
             "meta"
         ]
-
-    def run_config(self, epoch: int) -> dict:
-        return self.run_meta(epoch)["config"]
 
     def restore(
         self, epoch: int, *, trainable: Any | None = None, optimizer: Any | None = None
@@ -269,3 +404,38 @@ class RunCheckpoints:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _innermost_line(error: BaseException) -> str:
+    """The first line of the innermost cause of `error`, without TensorStore's spec (a JSON
+    object of hundreds of characters)."""
+    while error.__cause__ is not None or (
+        error.__context__ is not None and not error.__suppress_context__
+    ):
+        error = error.__cause__ or error.__context__
+    line = (str(error).splitlines() or [type(error).__name__])[0]
+    return line.split(" [tensorstore_spec=")[0]
+
+
+def _hush_abandoned_reads() -> None:
+    """Keeps the aftermath of a failed read off the user's screen.
+
+    When one array of a checkpoint fails to read, Orbax closes its event loop while TensorStore's
+    other reads are still in flight; as they finish, and as Python finalizes Orbax's coroutines
+    that never resumed, each is printed as an "Exception ignored" traceback ("Event loop is
+    closed"), up to the interpreter's exit. They say nothing beyond the line that reported the
+    checkpoint. Every other unraisable exception still reaches the previous hook.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "hushes_abandoned_reads", False):
+        return
+
+    def hook(unraisable):
+        error, culprit = unraisable.exc_value, unraisable.object
+        loop_closed = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+        orbax_coroutine = "orbax" in getattr(getattr(culprit, "cr_code", None), "co_filename", "")
+        if not (loop_closed or orbax_coroutine):
+            previous(unraisable)
+
+    hook.hushes_abandoned_reads = True
+    sys.unraisablehook = hook

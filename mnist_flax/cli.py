@@ -4,10 +4,10 @@ benchmark.
 Argument parsing only; the work is in the module each command names (`train.py`, `seeds.py`,
 `evaluate.py`, `convert.py`, `plotting.py`, `benchmark.py`), imported when a command runs, so that
 `--help` and flag errors answer at once (`config.py`, which defines the train flags, imports
-neither JAX nor TensorFlow). Every error a user can fix (a bad flag value, a
-missing dataset or weights file, a workdir of another run, an unwritable workdir: any `ValueError`
-the library raises for bad input) is printed as one line `error: ...` with exit status 2, without a
-traceback. (Other exceptions, bugs, keep their traceback.) Ctrl-C exits with 130 after training
+neither JAX nor TensorFlow). Every error a user can fix (a bad flag value, a missing dataset or
+weights file, a workdir of another run or in use by one, an unwritable workdir, checkpoints none of
+which reads: any `ValueError` the library raises for bad input) is printed as one line
+`error: ...` with exit status 2, without a traceback. (Other exceptions, bugs, keep their traceback.) Ctrl-C exits with 130 after training
 saved what was complete.
 """
 

@@ -40,12 +40,14 @@ def evaluate(
         )
     store = checkpoints.RunCheckpoints(workdir, read_only=True)
     try:
-        latest = store.latest_epoch()
-        if latest is None:
+        # The newest checkpoint that reads: its config and history are the run's (evaluation
+        # reads only, so those that do not read are passed over, not moved).
+        newest = store.readable(say=print)
+        if newest is None:
             raise checkpoints.WorkdirError(
                 f"{workdir} holds no checkpoint; train into it first (mnist-flax train --workdir ...)"
             )
-        run_config = store.run_config(latest)
+        run_config, history = newest.meta["config"], newest.meta["history"]
         validated = run_config.get("validation_split") is not None
         if checkpoint == "best" and not validated:
             raise ConfigError(
@@ -53,17 +55,23 @@ def evaluate(
                 "checkpoint was chosen as best (choosing by test accuracy would overstate it); "
                 "use --checkpoint latest, or train with --validation-split"
             )
-        if checkpoint == "latest":
-            epoch, chosen = latest, "the latest checkpoint"
-        elif not validated:
-            epoch = latest
-            chosen = "the final checkpoint (the run has no validation split to choose a best by)"
-        else:
-            epoch = store.best_epoch(checkpoints.BEST_METRIC)
-            recorded = store.run_meta(latest)["history"][epoch - 1][checkpoints.BEST_METRIC]
+        # Named for what it is: "final" or "best" only while no newer or better one was passed over.
+        if checkpoint == "latest" or not validated:
+            epoch = newest.epoch
             chosen = (
-                f"the best checkpoint by validation accuracy ({recorded:.2%} on "
-                f"{run_config['validation_split']})"
+                "the newest checkpoint that reads"
+                if newest.passed_over
+                else ("the latest checkpoint" if checkpoint == "latest" else "the final checkpoint")
+            )
+            if checkpoint != "latest":
+                chosen += " (the run has no validation split to choose a best by)"
+        else:
+            best = store.readable(store.ranked(history, checkpoints.BEST_METRIC), say=print)
+            epoch = best.epoch
+            recorded = history[epoch - 1][checkpoints.BEST_METRIC]
+            chosen = (
+                f"the best checkpoint{' that reads' if best.passed_over else ''} by validation "
+                f"accuracy ({recorded:.2%} on {run_config['validation_split']})"
             )
         config = TrainConfig.from_dict(run_config)
         config = dataclasses.replace(config, test_split=test_split or config.test_split)

@@ -172,9 +172,13 @@ class FeatureCache:
         return known[1], known[2]
 
     def _keep_within_budget(self, written: pathlib.Path) -> None:
-        """Deletes the least recently used files until the directory fits `DISK_BUDGET_MB`."""
+        """Deletes the least recently used files until the directory fits `DISK_BUDGET_MB`.
+
+        What a run killed while writing left half written (a `.tmp` file) counts too, and goes
+        first as the oldest; one being written now is the newest, so it goes last.
+        """
         files = {}
-        for path in self.directory.glob("*.npz"):
+        for path in [*self.directory.glob("*.npz"), *self.directory.glob("*.tmp")]:
             try:
                 status = path.stat()
             except FileNotFoundError:  # deleted meanwhile by another run

@@ -13,7 +13,7 @@ process steps through the same number of batches, padding its shard where it is 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -23,6 +23,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
+# What `decided_by_process_0` tells the other processes when process 0's decision failed.
+_FAILED = -1
 
 
 class ShardingError(ValueError):
@@ -57,6 +59,29 @@ def initialize_distributed(
         )
     if not jax.distributed.is_initialized():
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
+
+
+def decided_by_process_0(decide: Callable[[], int]) -> int:
+    """`decide()` (a count, >= 0) as process 0 computed it, on every process.
+
+    For what the processes must agree on and only one may do: take the workdir's lock, choose
+    the checkpoint to resume from, set aside those that do not read. Where process 0 fails, it
+    raises its own error and the others stop with a line pointing at it, instead of waiting in
+    the first collective for a process that left.
+    """
+    if jax.process_count() == 1:
+        return decide()
+    if jax.process_index() == 0:
+        try:
+            value = decide()
+        except BaseException:
+            multihost_utils.broadcast_one_to_all(np.int32(_FAILED))
+            raise
+        return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+    value = int(multihost_utils.broadcast_one_to_all(np.int32(0)))
+    if value == _FAILED:
+        raise DistributedError("process 0 stopped before training; its error line says why")
+    return value
 
 
 def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -1,7 +1,8 @@
 """The epoch loop: `train_and_evaluate` trains a run's epochs and writes what a run leaves behind.
 
-This module owns the order of a run: load the splits, refuse a workdir of another run, build the
-model (`model.py`), resume from the latest checkpoint, then per stage (frozen, then optionally
+This module owns the order of a run: load the splits, take the workdir (its lock, one run per
+workdir: `workdir_lock.py`), refuse a workdir of another run, build the model (`model.py`), resume
+from the newest checkpoint that reads (setting aside those that do not), then per stage (frozen, then optionally
 fine-tuning) the stage's optimizer, what its epochs run on (images, or what its frozen layers compute,
 cached: `feature_cache.py`), and per epoch a train pass and a test pass through the `StepRunner` (`steps.py`), a line of
 progress, history.json and an Orbax checkpoint (`checkpoints.py`); at the end curves.png
@@ -30,7 +31,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from mnist_flax import checkpoints, input_pipeline, parallel, plotting, runtime
+from mnist_flax import checkpoints, input_pipeline, parallel, plotting, runtime, workdir_lock
 from mnist_flax.config import FINE_TUNE_STAGE, FROZEN_STAGE, TrainConfig, fine_tune_layer
 from mnist_flax.feature_cache import Caching, FeatureCache
 from mnist_flax.freezing import learning_rate_schedule, make_optimizer, trainable_filter
@@ -53,9 +54,10 @@ def train_and_evaluate(config: TrainConfig, *, feature_cache: FeatureCache | Non
     stage with its own optimizer (`model.make_optimizer`) and learning-rate schedule.
 
     The workdir receives history.json (rewritten after every epoch), Orbax checkpoints of every
-    epoch (the last few and the best kept) and curves.png at the end. A workdir that holds another
-    run is refused before anything is written. Ctrl-C stops after the last complete epoch's
-    checkpoint; running again resumes from it, in either stage.
+    epoch (the last few and the best kept) and curves.png at the end. A workdir that another run
+    holds (its lock) or that holds another run is refused before anything is written. Ctrl-C stops
+    after the last complete epoch's checkpoint; running again resumes from it, in either stage,
+    and from the newest checkpoint that reads where the latest does not.
 
     `config.batch_size` is the global batch, split over every device of every process (it must be
     a multiple of their count). In a multi-process run (after `parallel.initialize_distributed`)
@@ -105,81 +107,132 @@ def train_and_evaluate(config: TrainConfig, *, feature_cache: FeatureCache | Non
         if config.fine_tune_epochs
         else None,
     }
-    # Refuses a mismatched or unwritable workdir before the (slow) model build and any write.
-    checkpoints.check_workdir(workdir, run_config)
-
-    model = create_model(config, splits["train"].num_classes)
-    # Each stage's learning rate at each of its optimizer steps (Adam's count restarts with the
-    # stage's new optimizer).
-    schedules = {
-        FROZEN_STAGE: learning_rate_schedule(
-            config.lr_schedule,
-            config.learning_rate,
-            epochs=config.epochs,
-            steps_per_epoch=steps_per_epoch,
-            warmup_epochs=config.warmup_epochs,
-        )
-    }
-    if config.fine_tune_epochs:
-        schedules[FINE_TUNE_STAGE] = learning_rate_schedule(
-            config.lr_schedule,
-            config.fine_tune_learning_rate,
-            epochs=config.fine_tune_epochs,
-            steps_per_epoch=steps_per_epoch,
-            warmup_epochs=config.warmup_epochs,
-        )
-    # Replicated before restoring: Orbax restores each array with the sharding of its target.
-    nnx.update(model, parallel.replicate(nnx.state(model), mesh))
-    history: list[dict] = []
-    data_seed = config.seed
-    store = checkpoints.RunCheckpoints(workdir, keep_best="validation" in splits)
-    try:
-        latest = store.latest_epoch()
-        if latest is not None:
-            restored = store.restore(latest, trainable=nnx.state(model, trainable_filter(model)))
-            # In place: every parameter some stage trains, as the checkpoint left it.
-            nnx.update(model, restored.trainable)
-            history, data_seed = restored.history, restored.data_seed
-            _say(
-                f"resuming from the epoch-{restored.epoch} checkpoint in {workdir} "
-                f"({restored.epoch} of {config.total_epochs} epochs done)"
+    # Process 0 holds the workdir's lock from here to the end; every process resumes from the
+    # checkpoint it chose.
+    with _holding_workdir(workdir, run_config) as resume:
+        model = create_model(config, splits["train"].num_classes)
+        # Each stage's learning rate at each of its optimizer steps (Adam's count restarts with the
+        # stage's new optimizer).
+        schedules = {
+            FROZEN_STAGE: learning_rate_schedule(
+                config.lr_schedule,
+                config.learning_rate,
+                epochs=config.epochs,
+                steps_per_epoch=steps_per_epoch,
+                warmup_epochs=config.warmup_epochs,
             )
+        }
+        if config.fine_tune_epochs:
+            schedules[FINE_TUNE_STAGE] = learning_rate_schedule(
+                config.lr_schedule,
+                config.fine_tune_learning_rate,
+                epochs=config.fine_tune_epochs,
+                steps_per_epoch=steps_per_epoch,
+                warmup_epochs=config.warmup_epochs,
+            )
+        # Replicated before restoring: Orbax restores each array with the sharding of its target.
+        nnx.update(model, parallel.replicate(nnx.state(model), mesh))
+        history: list[dict] = []
+        data_seed = config.seed
+        store = checkpoints.RunCheckpoints(workdir, keep_best="validation" in splits)
+        try:
+            if resume:
+                restored = store.restore(
+                    resume, trainable=nnx.state(model, trainable_filter(model))
+                )
+                # In place: every parameter some stage trains, as the checkpoint left it.
+                nnx.update(model, restored.trainable)
+                history, data_seed = restored.history, restored.data_seed
+                _say(
+                    f"resuming from the epoch-{restored.epoch} checkpoint in {workdir} "
+                    f"({restored.epoch} of {config.total_epochs} epochs done)"
+                )
+                if _is_writer():
+                    _rewrite_stale_history(
+                        workdir / checkpoints.HISTORY_FILE,
+                        {"config": run_config, "epochs": history},
+                        restored.epoch,
+                    )
 
-        def runner_for(stage: str) -> StepRunner:
-            """The stage's optimizer, restored when the latest checkpoint stopped inside the stage."""
-            optimizer = make_optimizer(model, schedules[stage], stage=stage)
-            nnx.update(optimizer, parallel.replicate(nnx.state(optimizer), mesh))
-            done = len(history)
-            if done and config.stage(done) == stage:
-                restored = store.restore(done, optimizer=nnx.state(optimizer))
-                # In place: Adam's moments and the schedule's position (Adam's step count)
-                # continue where the checkpoint left them.
-                nnx.update(optimizer, restored.optimizer)
-            return StepRunner(model, optimizer, make_metrics(), stage=stage, mesh=mesh)
+            def runner_for(stage: str) -> StepRunner:
+                """The stage's optimizer, restored when the latest checkpoint stopped inside the stage."""
+                optimizer = make_optimizer(model, schedules[stage], stage=stage)
+                nnx.update(optimizer, parallel.replicate(nnx.state(optimizer), mesh))
+                done = len(history)
+                if done and config.stage(done) == stage:
+                    restored = store.restore(done, optimizer=nnx.state(optimizer))
+                    # In place: Adam's moments and the schedule's position (Adam's step count)
+                    # continue where the checkpoint left them.
+                    nnx.update(optimizer, restored.optimizer)
+                return StepRunner(model, optimizer, make_metrics(), stage=stage, mesh=mesh)
 
-        def learning_rate(epoch: int) -> float:
-            """The rate of the epoch's last step."""
-            stage = config.stage(epoch)
-            steps = (epoch if stage == FROZEN_STAGE else epoch - config.epochs) * steps_per_epoch
-            return float(schedules[stage](steps - 1))
+            def learning_rate(epoch: int) -> float:
+                """The rate of the epoch's last step."""
+                stage = config.stage(epoch)
+                steps = (
+                    epoch if stage == FROZEN_STAGE else epoch - config.epochs
+                ) * steps_per_epoch
+                return float(schedules[stage](steps - 1))
 
-        epochs = _EpochLoop(
-            config,
-            run_config,
-            runner_for,
-            store,
-            history,
-            data_seed,
-            learning_rate=learning_rate,
-            feature_cache=feature_cache,
-        )
-        epochs.run(splits)
-    finally:
-        store.close()
-    history_file = {"config": run_config, "epochs": history}
-    if _is_writer():
-        plotting.plot_history(history_file, workdir / "curves.png")
+            epochs = _EpochLoop(
+                config,
+                run_config,
+                runner_for,
+                store,
+                history,
+                data_seed,
+                learning_rate=learning_rate,
+                feature_cache=feature_cache,
+            )
+            epochs.run(splits)
+        finally:
+            store.close()
+        history_file = {"config": run_config, "epochs": history}
+        if _is_writer():
+            plotting.plot_history(history_file, workdir / "curves.png")
     return history_file
+
+
+@contextlib.contextmanager
+def _holding_workdir(workdir: pathlib.Path, run_config: dict) -> Iterator[int]:
+    """Takes the workdir for this run; yields the epoch to resume from (0: start afresh).
+
+    Before the (slow) model build and before anything is written: refuses a file or an unwritable
+    place, takes the workdir's lock (one run per workdir), refuses a workdir of another run, and
+    sets aside the checkpoints that do not read (`checkpoints.check_workdir`). Process 0 does
+    this; the others follow its choice. The lock is released however the run ends.
+    """
+    lock = workdir_lock.WorkdirLock(workdir)
+
+    def take() -> int:
+        checkpoints.check_writable(workdir)
+        lock.acquire(say=_say)
+        return checkpoints.check_workdir(workdir, run_config, say=_say)
+
+    try:
+        yield parallel.decided_by_process_0(take)
+    finally:
+        lock.release()
+
+
+def _rewrite_stale_history(path: pathlib.Path, content: dict, epoch: int) -> None:
+    """Writes history.json again from the checkpoint it resumes where the file does not read or
+    holds fewer epochs (a run killed between a checkpoint and its history.json): a finished run
+    trains no epoch that would rewrite it. One that holds more (a newer checkpoint set aside) is
+    left as it is until its epochs are trained again."""
+    try:
+        recorded = json.loads(path.read_text())
+    except FileNotFoundError:
+        why = "is missing"
+    except ValueError as error:
+        why = f"does not read ({error})"
+    else:
+        epochs = recorded.get("epochs") if isinstance(recorded, dict) else None
+        if isinstance(epochs, list) and len(epochs) >= len(content["epochs"]):
+            return
+        why = f"records {len(epochs)} epochs" if isinstance(epochs, list) else "records no epochs"
+    write_json_atomically(path, content)
+    _say(f"{path} {why}; wrote it again from the epoch-{epoch} checkpoint")
 
 
 def _decay_steps(config: TrainConfig, epochs: int, steps_per_epoch: int) -> int | None:

@@ -175,7 +175,11 @@ def test_the_directory_keeps_the_most_recently_used_files_within_its_budget(tmp_
     for name in ("old", "used"):
         os.utime(tmp_path / f"{name}.npz", (an_hour_ago, an_hour_ago))
     os.utime(tmp_path / "used.npz")  # what `load` does to a file it reads
-    cache.store("new", half_a_megabyte)  # 1.5 MB in all: the least recently used file goes
+    # What a run killed while writing its file leaves: it counts, and goes as the oldest.
+    leftover = tmp_path / "tmpkilled.tmp"
+    leftover.write_bytes(b"\0" * 2**18)
+    os.utime(leftover, (an_hour_ago - 3600, an_hour_ago - 3600))
+    cache.store("new", half_a_megabyte)  # 1.75 MB in all: the two least recently used files go
     assert sorted(path.name for path in tmp_path.iterdir()) == ["new.npz", "used.npz"]
 
 
