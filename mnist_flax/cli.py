@@ -1,13 +1,14 @@
-"""The `mnist-flax` command (also `python -m mnist_flax`): train, seeds, evaluate, convert, plot,
-benchmark.
+"""The `mnist-flax` command (also `python -m mnist_flax`): train, seeds, evaluate, predict, convert,
+plot, benchmark.
 
 Argument parsing only; the work is in the module each command names (`train.py`, `seeds.py`,
-`evaluate.py`, `convert.py`, `plotting.py`, `benchmark.py`), imported when a command runs, so that
-`--help` and flag errors answer at once (`config.py`, which defines the train flags, imports
-neither JAX nor TensorFlow). Every error a user can fix (a bad flag value, a missing dataset or
-weights file, a workdir of another run or in use by one, an unwritable workdir, checkpoints none of
-which reads: any `ValueError` the library raises for bad input) is printed as one line
-`error: ...` with exit status 2, without a traceback. (Other exceptions, bugs, keep their traceback.) Ctrl-C exits with 130 after training
+`evaluate.py`, `predict.py`, `convert.py`, `plotting.py`, `benchmark.py`), imported when a command
+runs, so that `--help` and flag errors answer at once (`config.py`, which defines the train flags,
+imports neither JAX nor TensorFlow). Every error a user can fix (a bad flag value, a missing dataset,
+weights or image file, a workdir of another run or in use by one, an unwritable workdir,
+checkpoints none of which reads: any `ValueError` the library raises for bad input) is printed as
+one line `error: ...` with exit status 2, without a traceback. (Other exceptions, bugs, keep their
+traceback.) Ctrl-C exits with 130 after training
 saved what was complete.
 """
 
@@ -229,6 +230,37 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=int, default=None, help="with --weights (default: 32)"
     )
 
+    predict = commands.add_parser(
+        "predict",
+        help="classify image files of handwritten digits (PNG, JPEG, any size, dark on light or "
+        "light on dark), each made MNIST-like first: the top classes of each",
+    )
+    predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files, one digit each")
+    model_source = predict.add_mutually_exclusive_group(required=True)
+    model_source.add_argument(
+        "--workdir",
+        metavar="RUN",
+        help="a trained run: its checkpoint as `mnist-flax evaluate` chooses it",
+    )
+    model_source.add_argument(
+        "--weights",
+        metavar="DIR",
+        help="the whole classifier `mnist-flax convert --keras-model` wrote to DIR",
+    )
+    predict.add_argument(
+        "--checkpoint",
+        choices=config.EVALUATE_CHECKPOINTS,
+        default=None,
+        help=f"with --workdir: which of the run's checkpoints (default: "
+        f"{config.EVALUATE_CHECKPOINTS[0]}, as for evaluate)",
+    )
+    predict.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON list (each image's top classes and all its probabilities) instead "
+        "of a line per image",
+    )
+
     convert = commands.add_parser(
         "convert",
         help="convert Keras MobileNetV2 weights (--weights) or a whole trained Keras classifier "
@@ -333,6 +365,34 @@ def _evaluate(args: argparse.Namespace) -> None:
     )
 
 
+def _predict(args: argparse.Namespace) -> None:
+    if args.weights is not None and args.checkpoint is not None:
+        raise UsageError(
+            "--checkpoint chooses among a run's checkpoints; --weights DIR holds one classifier "
+            "(see mnist-flax predict --help)"
+        )
+    import json
+
+    import numpy as np
+
+    from mnist_flax import predict
+
+    # Every image is read (and found to hold a digit) before the slow model build.
+    digits = np.stack([predict.load_digit(path) for path in args.images])
+    classifier = predict.load_classifier(
+        workdir=args.workdir,
+        weights=args.weights,
+        checkpoint=args.checkpoint or config.EVALUATE_CHECKPOINTS[0],
+    )
+    print(f"predicting with {classifier.description}", file=sys.stderr)
+    results = predict.predict_files(args.images, classifier, digits=digits)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for result in results:
+            print(predict.format_line(result))
+
+
 def _convert(args: argparse.Namespace) -> None:
     if args.keras_model is not None:
         if args.alpha is not None:
@@ -384,6 +444,7 @@ COMMANDS = {
     "train": _train,
     "seeds": _seeds,
     "evaluate": _evaluate,
+    "predict": _predict,
     "convert": _convert,
     "plot": _plot,
     "benchmark": _benchmark,

@@ -4,6 +4,9 @@
 head; `evaluate_classifier` builds a whole classifier that `mnist-flax convert --keras-model` wrote
 (a trained Keras model) from its directory. Both run the test split through the same `StepRunner`
 eval step as training (`_measure`), and write confusion.png and misclassified.png into the workdir.
+Which checkpoint of a run is used (`choose_checkpoint`), how its model is rebuilt (`restore_model`)
+and how a converted classifier's config is read (`converted_classifier_config`) are shared with
+`mnist-flax predict` (`predict.py`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,45 @@ def evaluate(
     Prints the test accuracy and which checkpoint it measured and why, and writes confusion.png and
     misclassified.png into the workdir. Returns {"epoch", "checkpoint", "chosen", "test_split",
     "test_loss", "test_accuracy", "num_examples", "confusion"}.
+    """
+    workdir = pathlib.Path(workdir)
+    chosen = choose_checkpoint(workdir, checkpoint)
+    config = dataclasses.replace(chosen.config, test_split=test_split or chosen.config.test_split)
+    split = input_pipeline.load_split(config.dataset, config.test_split, data_dir=config.data_dir)
+    if split.num_classes != chosen.num_classes:
+        raise checkpoints.CheckpointMismatchError(
+            f"--test-split {config.test_split} of {config.dataset} has {split.num_classes} "
+            f"classes but the checkpoint in {workdir} was trained on {chosen.num_classes}"
+        )
+    model = restore_model(chosen, config)
+    measured = _measure(model, config, split, workdir, f"{chosen.chosen}, epoch {chosen.epoch}")
+    return {"epoch": chosen.epoch, "checkpoint": checkpoint, "chosen": chosen.chosen, **measured}
+
+
+@dataclasses.dataclass(frozen=True)
+class ChosenCheckpoint:
+    """The checkpoint of a run that `--checkpoint` chooses, and the run it belongs to."""
+
+    workdir: pathlib.Path
+    epoch: int
+    chosen: str  # which checkpoint and why, for the user ("the final checkpoint (...)")
+    run_config: dict  # as the run recorded it
+
+    @property
+    def config(self) -> TrainConfig:
+        return TrainConfig.from_dict(self.run_config)
+
+    @property
+    def num_classes(self) -> int:
+        return self.run_config["num_classes"]
+
+
+def choose_checkpoint(workdir: str | os.PathLike, checkpoint: str = "auto") -> ChosenCheckpoint:
+    """Which checkpoint of the workdir's run `checkpoint` (`config.EVALUATE_CHECKPOINTS`) means.
+
+    "auto": the best by validation accuracy in a run with a validation split, else the final one;
+    "best" only in a run with a validation split; "latest". Never by test accuracy. A workdir
+    without a checkpoint is a `checkpoints.WorkdirError`.
     """
     workdir = pathlib.Path(workdir)
     if checkpoint not in EVALUATE_CHECKPOINTS:
@@ -73,27 +115,27 @@ def evaluate(
                 f"the best checkpoint{' that reads' if best.passed_over else ''} by validation "
                 f"accuracy ({recorded:.2%} on {run_config['validation_split']})"
             )
-        config = TrainConfig.from_dict(run_config)
-        config = dataclasses.replace(config, test_split=test_split or config.test_split)
-        split = input_pipeline.load_split(
-            config.dataset, config.test_split, data_dir=config.data_dir
-        )
-        num_classes = run_config["num_classes"]
-        if split.num_classes != num_classes:
-            raise checkpoints.CheckpointMismatchError(
-                f"--test-split {config.test_split} of {config.dataset} has {split.num_classes} "
-                f"classes but the checkpoint in {workdir} was trained on {num_classes}"
-            )
-        runtime.enable_compilation_cache(config.compilation_cache)
-        model = create_model(config, num_classes)
-        restored = store.restore(epoch, trainable=nnx.state(model, trainable_filter(model)))
-        # In place: the head as trained.
-        nnx.update(model, restored.trainable)
     finally:
         store.close()
+    return ChosenCheckpoint(workdir, epoch, chosen, run_config)
 
-    measured = _measure(model, config, split, workdir, f"{chosen}, epoch {epoch}")
-    return {"epoch": epoch, "checkpoint": checkpoint, "chosen": chosen, **measured}
+
+def restore_model(
+    chosen: ChosenCheckpoint, config: TrainConfig | None = None
+) -> TransferClassifier:
+    """The run's model (`config`, by default the run's own) with the chosen checkpoint's trained
+    parameters; the frozen backbone is rebuilt from the run's weights source."""
+    config = chosen.config if config is None else config
+    runtime.enable_compilation_cache(config.compilation_cache)
+    model = create_model(config, chosen.num_classes)
+    store = checkpoints.RunCheckpoints(chosen.workdir, read_only=True)
+    try:
+        restored = store.restore(chosen.epoch, trainable=nnx.state(model, trainable_filter(model)))
+    finally:
+        store.close()
+    # In place: the head (and whatever else the run trained) as trained.
+    nnx.update(model, restored.trainable)
+    return model
 
 
 def evaluate_classifier(
@@ -111,35 +153,51 @@ def evaluate_classifier(
     config.json. Prints the test accuracy and writes confusion.png and misclassified.png into
     `workdir`. Returns {"test_split", "test_loss", "test_accuracy", "num_examples", "confusion"}.
     """
+    config, num_classes = converted_classifier_config(
+        weights,
+        dataset=dataset,
+        data_dir=None if data_dir is None else str(data_dir),
+        test_split=test_split,
+        batch_size=batch_size,
+    )
+    split = input_pipeline.load_split(config.dataset, config.test_split, data_dir=config.data_dir)
+    if split.num_classes != num_classes:
+        raise checkpoints.CheckpointMismatchError(
+            f"--test-split {config.test_split} of {config.dataset} has {split.num_classes} "
+            f"classes but the classifier in {weights} has {num_classes}"
+        )
+    runtime.enable_compilation_cache(config.compilation_cache)
+    model = create_model(config, num_classes)  # every parameter from the directory
+    return _measure(
+        model, config, split, pathlib.Path(workdir), f"the {config.model} classifier in {weights}"
+    )
+
+
+def converted_classifier_config(
+    weights: str | os.PathLike, **options: object
+) -> tuple[TrainConfig, int]:
+    """The validated config (and class count) that builds the whole classifier in `weights`.
+
+    The model kind, alpha and image size come from the directory's config.json; `options` are
+    other `TrainConfig` fields (the data to run it on, the batch). A directory that holds no
+    converted classifier is a `convert.WeightsError`.
+    """
     if not convert.is_converted_classifier(weights):
         raise convert.WeightsError(
             f"{weights} holds no converted classifier (a config.json of kind "
             f"{convert.CLASSIFIER_KIND!r}); write one with `mnist-flax convert --keras-model FILE "
-            "--out DIR` (a run's workdir is evaluated with --workdir alone)"
+            "--out DIR` (a run's workdir is given with --workdir alone)"
         )
     saved = convert.classifier_config(weights)
     config = TrainConfig(
-        dataset=dataset,
-        data_dir=None if data_dir is None else str(data_dir),
-        test_split=test_split,
         model=saved["model"],
         alpha=saved["alpha"],
         image_size=saved["image_size"],
         weights=str(weights),
-        batch_size=batch_size,
+        **options,
     )
     config.validate()
-    split = input_pipeline.load_split(config.dataset, config.test_split, data_dir=config.data_dir)
-    if split.num_classes != saved["num_classes"]:
-        raise checkpoints.CheckpointMismatchError(
-            f"--test-split {config.test_split} of {config.dataset} has {split.num_classes} "
-            f"classes but the classifier in {weights} has {saved['num_classes']}"
-        )
-    runtime.enable_compilation_cache(config.compilation_cache)
-    model = create_model(config, saved["num_classes"])  # every parameter from the directory
-    return _measure(
-        model, config, split, pathlib.Path(workdir), f"the {config.model} classifier in {weights}"
-    )
+    return config, saved["num_classes"]
 
 
 def _measure(

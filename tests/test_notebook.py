@@ -1,83 +1,220 @@
-"""The Colab notebook's code cells, executed on the CPU with a tiny run, so the notebook cannot rot.
+"""The Colab notebook: its install cell's choices, every cell run on the CPU, its committed outputs.
 
-The install cell (tagged "install") is run on its own, with `MNIST_FLAX_NOTEBOOK_SMOKE=1` (it then
-shows the pip command instead of running it), for both of its sources; the other cells run in a
-kernel against this checkout. The notebook shrinks itself when `MNIST_FLAX_NOTEBOOK_SMOKE=1` and
-reads offline IDX files from `MNIST_FLAX_DATA_DIR`.
+The install cell is executed on its own (as a dry run: it shows its pip commands) and its functions
+are called with the runtime's detection given as inputs. The whole notebook runs, install cell
+included, in smoke mode (a tiny random model from a Keras weights file, block digits as IDX files)
+through `notebooks/execute.py`, the script that made the committed outputs; the same checks of what
+each key cell prints and draws then hold for the committed notebook, whose every code cell must
+still have the source (by hash) that made its outputs.
 """
 
+import importlib.util
 import json
 import pathlib
+import re
+import sys
 
 import nbformat
 import pytest
 from helpers import block_digits
-from nbclient import NotebookClient
 
 from mnist_flax import input_pipeline
 
-NOTEBOOK = pathlib.Path(__file__).parents[1] / "notebooks" / "mnist_transfer_learning.ipynb"
+ROOT = pathlib.Path(__file__).parents[1]
+NOTEBOOK = ROOT / "notebooks" / "mnist_transfer_learning.ipynb"
+_spec = importlib.util.spec_from_file_location(
+    "notebook_execute", ROOT / "notebooks" / "execute.py"
+)
+execute = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(execute)
+
+WHEEL = "mnist_flax-0.1.0-py3-none-any.whl"
 
 
-def install_cell() -> str:
-    (cell,) = [
-        cell
-        for cell in nbformat.read(NOTEBOOK, as_version=4).cells
-        if "install" in cell.metadata.get("tags", [])
-    ]
-    return cell.source
+def tagged(notebook: nbformat.NotebookNode, tag: str) -> nbformat.NotebookNode:
+    (cell,) = [cell for cell in notebook.cells if tag in cell.metadata.get("tags", [])]
+    return cell
 
 
-def run_install_cell(repo_url: str, upload_dir, monkeypatch, capsys) -> dict:
-    """The install cell as Colab runs it, REPO_URL typed into its form field; returns its names."""
-    source = install_cell()
+def run_install_cell(repo_url: str, upload_dir, monkeypatch, capsys) -> tuple[dict, str]:
+    """The install cell as Colab runs it, REPO_URL typed into its form field; its names and output."""
+    source = tagged(nbformat.read(NOTEBOOK, as_version=4), "install").source
     assert 'REPO_URL = ""  # @param' in source, "the form field starts empty"
-    monkeypatch.setenv("MNIST_FLAX_NOTEBOOK_SMOKE", "1")
+    monkeypatch.setenv("MNIST_FLAX_NOTEBOOK_DRY_INSTALL", "1")
     monkeypatch.setenv("MNIST_FLAX_UPLOAD_DIR", str(upload_dir))
     names: dict = {}
     exec(source.replace('REPO_URL = ""', f"REPO_URL = {repo_url!r}"), names)
-    assert capsys.readouterr().out == f"installing {names['source']}\n"
-    return names
+    return names, capsys.readouterr().out
 
 
-def test_install_cell_installs_from_a_typed_repository_url(tmp_path, monkeypatch, capsys):
-    url = "https://example.org/someone/mnist_flax"
-    names = run_install_cell(url, tmp_path, monkeypatch, capsys)
-    assert names["command"][-2:] == ["jax[tpu]", f"mnist-flax @ git+{url}"]
-    assert names["command"][1:4] == ["-m", "pip", "install"]
+# Google's PCI vendor id with a v5e TPU's device id, and with the gVNIC network card's (not a TPU).
+V5E_TPU, GVNIC = ("0x1ae0", "0x0063"), ("0x1ae0", "0x0042")
 
 
-def test_install_cell_installs_an_uploaded_wheel_and_refuses_nothing(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    ("pci", "device_files", "runtime", "build"),
+    [
+        ([GVNIC, V5E_TPU], [], "tpu", "jax[tpu]"),
+        ([GVNIC, ("0x10de", "0x2330")], ["/dev/nvidiactl"], "gpu", "jax[cuda12]"),
+        ([GVNIC, ("0x8086", "0x1237")], [], "cpu", "jax"),
+    ],
+)
+def test_install_cell_installs_the_jax_build_of_the_runtime(
+    pci, device_files, runtime, build, tmp_path, monkeypatch, capsys
+):
+    (tmp_path / WHEEL).write_bytes(b"")
+    names, _ = run_install_cell("", tmp_path, monkeypatch, capsys)
+    assert names["detect_runtime"](pci, device_files) == runtime
+    pip = [sys.executable, "-m", "pip"]
+    source = str(tmp_path / WHEEL)
+    assert names["install_commands"](runtime, source, {"numpy", "keras"}) == [
+        [*pip, "install", "-q", build, "tensorflow-cpu", source]
+    ]
+    # Colab's full TensorFlow makes way for the CPU-only build, which cannot take the accelerator.
+    assert names["install_commands"](runtime, source, {"tensorflow", "numpy"}) == [
+        [*pip, "uninstall", "-q", "-y", "tensorflow"],
+        [*pip, "install", "-q", build, "tensorflow-cpu", source],
+    ]
+
+
+def test_install_cell_reads_the_machines_pci_devices(tmp_path, monkeypatch, capsys):
+    (tmp_path / WHEEL).write_bytes(b"")
+    names, _ = run_install_cell("", tmp_path, monkeypatch, capsys)
+    sysfs = tmp_path / "devices"
+    for address, (vendor, device) in {"0000:00:04.0": GVNIC, "0000:00:05.0": V5E_TPU}.items():
+        (sysfs / address).mkdir(parents=True)
+        (sysfs / address / "vendor").write_text(vendor + "\n")
+        (sysfs / address / "device").write_text(device + "\n")
+    assert names["pci_devices"](str(sysfs)) == [GVNIC, V5E_TPU]
+    assert names["detect_runtime"](names["pci_devices"](str(sysfs)), []) == "tpu"
+
+
+def test_install_cell_installs_a_typed_url_or_an_uploaded_wheel_and_says_so(
+    tmp_path, monkeypatch, capsys
+):
     with pytest.raises(SystemExit, match="type the repository URL into REPO_URL, or upload"):
         run_install_cell("", tmp_path, monkeypatch, capsys)
-    wheel = tmp_path / "mnist_flax-0.1.0-py3-none-any.whl"
-    wheel.write_bytes(b"")  # the cell picks the file; pip (not run here) installs it
-    names = run_install_cell("", tmp_path, monkeypatch, capsys)
-    assert names["command"][-1] == str(wheel)
+    url = "https://example.org/someone/mnist_flax"
+    names, out = run_install_cell(url, tmp_path, monkeypatch, capsys)
+    assert names["source"] == f"mnist-flax @ git+{url}"
+    assert f"tensorflow-cpu mnist-flax @ git+{url} (not run: a dry run)" in out
+    (tmp_path / WHEEL).write_bytes(b"")  # the cell picks the file; pip (not run here) installs it
+    names, out = run_install_cell("", tmp_path, monkeypatch, capsys)
+    assert names["source"] == str(tmp_path / WHEEL)
+    assert re.search(r"^a (TPU|GPU|CPU) runtime: JAX's build for it is jax", out, re.M), out
+
+
+def outputs_of(cell) -> tuple[str, int]:
+    """A cell's printed text (stdout and stderr) and how many images it drew."""
+    text = "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
+    images = sum("image/png" in o.get("data", {}) for o in cell.outputs)
+    return text, images
+
+
+def _parity(text: str) -> bool:
+    found = re.search(r"max \|ours - Keras\| = \S+, (\S+) of the largest feature", text)
+    return found is not None and float(found.group(1)) < 1e-4
+
+
+def _train_step(text: str) -> bool:
+    counts = re.findall(r"(\w+ state|batch): +(\d+) arrays, +(\d+) donated", text)
+    losses = [float(loss) for loss in re.findall(r"step \d: loss ([\d.]+)", text)]
+    donated = {name: (arrays, given) for name, arrays, given in counts}
+    return (
+        all(arrays == given for name, (arrays, given) in donated.items() if name != "batch")
+        and donated.get("batch", ("", ""))[1] == "0"
+        and len(donated) == 4
+        and len(losses) == 3
+        and losses[-1] < losses[0]
+    )
+
+
+# What each key cell must print (its text) and draw (its image count), in every size.
+CHECKS = {
+    "install": lambda t, i: "JAX's build for it is" in t and "tensorflow-cpu" in t and WHEEL in t,
+    "devices": lambda t, i: re.search(r"JAX \S+ sees \d+ \w+ device", t) is not None,
+    "config": lambda t, i: t.startswith("size ") and " px, MobileNetV2 alpha " in t,
+    "data": lambda t, i: "batch['image']" in t and "real rows" in t,
+    "digits": lambda t, i: i == 1,
+    "backbone": lambda t, i: "Keras layers with weights" in t and "pooled features" in t,
+    "parity": lambda t, i: _parity(t),
+    "classifier": lambda t, i: "head: Dense" in t and "logits (8, 10)" in t,
+    "freeze": lambda t, i: "frozen:" in t and "set_to_zero" in t and "head:" in t and "Adam" in t,
+    "train-step": lambda t, i: _train_step(t),
+    "train": lambda t, i: "cached the backbone features" in t and "test accuracy after" in t,
+    "curves": lambda t, i: i == 1,
+    "evaluate": lambda t, i: "test accuracy" in t and i == 2,
+    "fine-tune": lambda t, i: "cached the fine-tuned layers' input" in t and "fine-tune" in t and i == 1,
+    "notebook-model": lambda t, i: "not caching" in t and "the notebook's model: test accuracy" in t,
+    "your-digit-input": lambda t, i: "wrote my_digit.png" in t,
+    "your-digit": lambda t, i: re.search(r"\d: [\d.]+%, \d: [\d.]+%, \d: [\d.]+%", t) and i == 1,
+    "sharding": lambda t, i: "NamedSharding" in t and "rows 0-" in t,
+    "benchmark": lambda t, i: "img/s" in t and "ours" in t,
+}  # fmt: skip
+
+
+def check_outputs(notebook: nbformat.NotebookNode, size: str) -> None:
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    assert [cell.metadata["tags"][0] for cell in code] == list(CHECKS), "a cell without its check"
+    for cell in code:
+        tag = cell.metadata["tags"][0]
+        errors = [o for o in cell.outputs if o.output_type == "error"]
+        assert not errors, (tag, errors)
+        text, images = outputs_of(cell)
+        assert CHECKS[tag](text, images), (tag, text, images)
+    config_text, _ = outputs_of(tagged(notebook, "config"))
+    assert config_text.startswith(f"size {size!r}: "), config_text
+
+
+def check_hashes(notebook: nbformat.NotebookNode) -> None:
+    for cell in notebook.cells:
+        if cell.cell_type == "code":
+            recorded = cell.metadata.get(execute.METADATA_KEY, {}).get("source_sha256")
+            assert recorded == execute.source_hash(cell.source), (
+                f"the outputs of cell {cell.metadata['tags']} were made by other source; "
+                "run notebooks/execute.py (see its docstring) to make them again"
+            )
 
 
 @pytest.mark.slow
-def test_colab_notebook_trains_plots_and_benchmarks(tmp_path, monkeypatch):
+def test_every_cell_runs_in_smoke_mode(tmp_path):
+    from keras_helpers import random_keras_mobilenet
+
     input_pipeline.write_idx_split(tmp_path / "idx", "train", *block_digits(64, seed=0))
     input_pipeline.write_idx_split(tmp_path / "idx", "t10k", *block_digits(32, seed=1))
-    monkeypatch.setenv("MNIST_FLAX_NOTEBOOK_SMOKE", "1")
-    monkeypatch.setenv("MNIST_FLAX_DATA_DIR", str(tmp_path / "idx"))
-    monkeypatch.setenv("MNIST_FLAX_WORKDIR", str(tmp_path / "run"))
+    # A Keras weights file as the notebook's smaller sizes read one (random, alpha 0.35).
+    weights = tmp_path / "random.weights.h5"
+    random_keras_mobilenet(alpha=0.35, input_shape=(32, 32, 3)).save_weights(weights)
+    (tmp_path / "upload").mkdir()
+    (tmp_path / "upload" / WHEEL).write_bytes(b"")
+    (tmp_path / "run").mkdir()
 
     notebook = nbformat.read(NOTEBOOK, as_version=4)
-    cells = len(notebook.cells)
-    notebook.cells = [
-        cell for cell in notebook.cells if "install" not in cell.metadata.get("tags", [])
-    ]
-    assert len(notebook.cells) == cells - 1, "exactly one cell, the install cell, is left out"
-    NotebookClient(
-        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": tmp_path}}
-    ).execute()
+    execute.execute(
+        notebook,
+        size="smoke",
+        cwd=tmp_path / "run",
+        data_dir=tmp_path / "idx",
+        weights=weights,
+        upload_dir=tmp_path / "upload",
+        timeout=900,
+    )
+    check_outputs(notebook, "smoke")
+    check_hashes(notebook)
+    history = json.loads((tmp_path / "run" / "runs" / "mnist" / "history.json").read_text())
+    assert [record["epoch"] for record in history["epochs"]] == [1, 2]
+    assert (tmp_path / "run" / "my_digit.png").is_file()
 
-    history = json.loads((tmp_path / "run" / "history.json").read_text())
-    assert [record["epoch"] for record in history["epochs"]] == [1]
-    outputs = [output for cell in notebook.cells for output in cell.get("outputs", [])]
-    text = "".join(output.get("text", "") for output in outputs)
-    assert "test accuracy after 1 epochs" in text
-    assert any("image/png" in output.get("data", {}) for output in outputs), "curves shown"
-    assert "img/s" in text and "ours" in text, "benchmark table printed"
+
+def test_committed_outputs_were_made_by_these_cells():
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    check_hashes(notebook)
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    # One kernel, top to bottom, each cell once.
+    assert [cell.execution_count for cell in code] == list(range(1, len(code) + 1))
+    check_outputs(notebook, "small")
+    # The real run's accuracy, as its first cell describes it.
+    train_text, _ = outputs_of(tagged(notebook, "train"))
+    accuracy = float(re.search(r"test accuracy after 10 epochs: ([\d.]+)%", train_text).group(1))
+    assert accuracy > 90, train_text
+    assert "--size small" in notebook.cells[0].source
