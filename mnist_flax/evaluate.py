@@ -1,9 +1,11 @@
 """Evaluation of a saved run or a converted classifier: measure it on a split, draw what it got wrong.
 
 `evaluate` rebuilds the run's model from the config its checkpoint recorded and restores the trained
-head; `evaluate_classifier` builds a whole classifier that `mnist-flax convert --keras-model` wrote
-(a trained Keras model) from its directory. Both run the test split through the same `StepRunner`
-eval step as training (`_measure`), and write confusion.png and misclassified.png into the workdir.
+head (`restore_run`); `evaluate_classifier` builds a whole classifier that `mnist-flax convert
+--keras-model` wrote (a trained Keras model) from its directory (`load_classifier`); `mnist-flax
+export` takes its classifier from the same two functions. Both run the test split through the same
+`StepRunner` eval step as training (`_measure`), and write confusion.png and misclassified.png into
+the workdir.
 """
 
 from __future__ import annotations
@@ -32,6 +34,32 @@ def evaluate(
     Prints the test accuracy and which checkpoint it measured and why, and writes confusion.png and
     misclassified.png into the workdir. Returns {"epoch", "checkpoint", "chosen", "test_split",
     "test_loss", "test_accuracy", "num_examples", "confusion"}.
+    """
+    run = restore_run(workdir, checkpoint=checkpoint, test_split=test_split)
+    measured = _measure(run.model, run.config, run.split, pathlib.Path(workdir), run.description)
+    return {"epoch": run.epoch, "checkpoint": checkpoint, "chosen": run.chosen, **measured}
+
+
+@dataclasses.dataclass
+class Loaded:
+    """A classifier to measure or export, the config it was built from and its test split."""
+
+    model: TransferClassifier
+    config: TrainConfig
+    split: input_pipeline.Split
+    description: str  # which classifier, for the printed line
+    epoch: int | None = None  # a run's: the checkpoint's epoch and why it was chosen
+    chosen: str | None = None
+
+
+def restore_run(
+    workdir: str | os.PathLike, *, checkpoint: str = "auto", test_split: str | None = None
+) -> Loaded:
+    """The workdir's run as `evaluate` measures it (and `mnist-flax export` exports it): its model
+    rebuilt from the config its checkpoint recorded, the chosen checkpoint's head restored.
+
+    `checkpoint` as for `evaluate`; `test_split` (default: the run's) is loaded and checked against
+    the run's classes before the slow model build.
     """
     workdir = pathlib.Path(workdir)
     if checkpoint not in EVALUATE_CHECKPOINTS:
@@ -83,9 +111,7 @@ def evaluate(
         nnx.update(model, restored.trainable)
     finally:
         store.close()
-
-    measured = _measure(model, config, split, workdir, f"{chosen}, epoch {epoch}")
-    return {"epoch": epoch, "checkpoint": checkpoint, "chosen": chosen, **measured}
+    return Loaded(model, config, split, f"{chosen}, epoch {epoch}", epoch, chosen)
 
 
 def evaluate_classifier(
@@ -103,6 +129,24 @@ def evaluate_classifier(
     config.json. Prints the test accuracy and writes confusion.png and misclassified.png into
     `workdir`. Returns {"test_split", "test_loss", "test_accuracy", "num_examples", "confusion"}.
     """
+    loaded = load_classifier(
+        weights, dataset=dataset, data_dir=data_dir, test_split=test_split, batch_size=batch_size
+    )
+    return _measure(
+        loaded.model, loaded.config, loaded.split, pathlib.Path(workdir), loaded.description
+    )
+
+
+def load_classifier(
+    weights: str | os.PathLike,
+    *,
+    dataset: str = TrainConfig.dataset,
+    data_dir: str | os.PathLike | None = None,
+    test_split: str = TrainConfig.test_split,
+    batch_size: int = TrainConfig.batch_size,
+) -> Loaded:
+    """The whole classifier in `weights` as `evaluate_classifier` measures it (and `mnist-flax
+    export` exports it), with the test split, checked against its classes."""
     if not convert.is_converted_classifier(weights):
         raise convert.WeightsError(
             f"{weights} holds no converted classifier (a config.json of kind "
@@ -129,9 +173,7 @@ def evaluate_classifier(
         )
     runtime.enable_compilation_cache(config.compilation_cache)
     model = create_model(config, saved["num_classes"])  # every parameter from the directory
-    return _measure(
-        model, config, split, pathlib.Path(workdir), f"the {config.model} classifier in {weights}"
-    )
+    return Loaded(model, config, split, f"the {config.model} classifier in {weights}")
 
 
 def _measure(
