@@ -243,7 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="a whole classifier `mnist-flax convert --keras-model` wrote to DIR",
     )
-    export.add_argument("--format", required=True, choices=config.EXPORT_FORMATS)
+    export.add_argument(
+        "--format",
+        required=True,
+        choices=config.EXPORT_FORMATS,
+        help="what to write (who reads each, and how: docs/deploy.md)",
+    )
     export.add_argument(
         "--out",
         required=True,
@@ -268,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--check-examples",
         type=int,
         default=256,
+        metavar="N",
         help="test digits the export is checked on against the JAX model (0: the whole split)",
     )
     data = export.add_argument_group("data for the check and the calibration")
