@@ -288,7 +288,7 @@ def litert_ops(path: str | os.PathLike) -> dict[str, int]:
         subgraph = model.Subgraphs(s)
         for o in range(subgraph.OperatorsLength()):
             code = model.OperatorCodes(subgraph.Operators(o).OpcodeIndex())
-            # The schema keeps codes below 127 in the deprecated byte field too: the larger is right.
+            # Files keep codes below 127 in the old byte field, newer ones in both: take the larger.
             builtin = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
             counts[names.get(builtin, f"code {builtin}")] += 1
     return dict(counts.most_common())
