@@ -1,14 +1,14 @@
 """The `mnist-flax` command (also `python -m mnist_flax`): train, seeds, evaluate, predict, convert,
-plot, benchmark.
+export, plot, benchmark.
 
 Argument parsing only; the work is in the module each command names (`train.py`, `seeds.py`,
-`evaluate.py`, `predict.py`, `convert.py`, `plotting.py`, `benchmark.py`), imported when a command
-runs, so that `--help` and flag errors answer at once (`config.py`, which defines the train flags,
-imports neither JAX nor TensorFlow). Every error a user can fix (a bad flag value, a missing dataset,
-weights or image file, a workdir of another run or in use by one, an unwritable workdir,
-checkpoints none of which reads: any `ValueError` the library raises for bad input) is printed as
-one line `error: ...` with exit status 2, without a traceback. (Other exceptions, bugs, keep their
-traceback.) Ctrl-C exits with 130 after training
+`evaluate.py`, `predict.py`, `convert.py`, `export.py`, `plotting.py`, `benchmark.py`), imported
+when a command runs, so that `--help` and flag errors answer at once (`config.py`, which defines
+the train flags, imports neither JAX nor TensorFlow). Every error a user can fix (a bad flag value,
+a missing dataset, weights or image file, a workdir of another run or in use by one, an unwritable
+workdir, checkpoints none of which reads: any `ValueError` the library raises for bad input) is
+printed as one line `error: ...` with exit status 2, without a traceback. (Other exceptions, bugs,
+keep their traceback.) Ctrl-C exits with 130 after training
 saved what was complete.
 """
 
@@ -279,6 +279,68 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--alpha", type=float, default=None, help="with --weights (default: 1.0)")
     convert.add_argument("--out", required=True, help="output directory")
 
+    export = commands.add_parser(
+        "export",
+        help="write a trained classifier as a .keras file, a LiteRT .tflite, an ONNX model or "
+        "StableHLO (jax.export), checked against the JAX model before it is written",
+    )
+    source = export.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--workdir", help="a run of mnist-flax train: the checkpoint evaluate would restore"
+    )
+    source.add_argument(
+        "--weights",
+        metavar="DIR",
+        help="a whole classifier `mnist-flax convert --keras-model` wrote to DIR",
+    )
+    export.add_argument(
+        "--format",
+        required=True,
+        choices=config.EXPORT_FORMATS,
+        help="what to write (who reads each, and how: docs/deploy.md)",
+    )
+    export.add_argument(
+        "--out",
+        required=True,
+        metavar="PATH",
+        help="the file: .keras, .tflite, .onnx or .stablehlo as --format; PATH.json beside it "
+        "says what the model takes and gives",
+    )
+    export.add_argument(
+        "--checkpoint",
+        choices=config.EVALUATE_CHECKPOINTS,
+        default=None,
+        help=f"with --workdir, as for evaluate (default: {config.EVALUATE_CHECKPOINTS[0]})",
+    )
+    export.add_argument(
+        "--quantize",
+        choices=config.EXPORT_QUANTIZATIONS,
+        default=None,
+        help="--format litert only: int8 weights and activations, calibrated on digits of "
+        "--train-split; float32 in and out",
+    )
+    export.add_argument(
+        "--check-examples",
+        type=int,
+        default=256,
+        metavar="N",
+        help="test digits the export is checked on against the JAX model (0: the whole split)",
+    )
+    data = export.add_argument_group("data for the check and the calibration")
+    data.add_argument(
+        "--test-split", default=None, help="default: the run's test split; with --weights: test"
+    )
+    data.add_argument(
+        "--train-split",
+        default=None,
+        help="with --quantize: the int8 calibration's digits (default: the run's train split; "
+        "with --weights: train)",
+    )
+    data.add_argument("--dataset", default=None, help="with --weights (default: mnist)")
+    data.add_argument(
+        "--data-dir", default=None, metavar="DIR", help="with --weights: read IDX files from DIR"
+    )
+
     plot = commands.add_parser(
         "plot",
         help="draw a run's training curves (accuracy, loss, learning rate) from its history.json",
@@ -423,6 +485,55 @@ def _convert_classifier(path: str, out: str) -> None:
     )
 
 
+def _export(args: argparse.Namespace) -> None:
+    if args.train_split is not None and args.quantize is None:
+        raise UsageError(
+            "--train-split chooses the int8 calibration's digits: it applies to --quantize int8"
+        )
+    common = {
+        "fmt": args.format,
+        "out": args.out,
+        "quantize": args.quantize,
+        "check_examples": args.check_examples,
+    }
+    if args.weights is None:
+        for flag, value in {"--dataset": args.dataset, "--data-dir": args.data_dir}.items():
+            if value is not None:
+                raise UsageError(
+                    f"{flag} applies to --weights DIR; a run's workdir records its own "
+                    "(see mnist-flax export --help)"
+                )
+        from mnist_flax import export
+
+        export.export_run(
+            args.workdir,
+            checkpoint=args.checkpoint or config.EVALUATE_CHECKPOINTS[0],
+            test_split=args.test_split,
+            train_split=args.train_split,
+            **common,
+        )
+        return
+    if args.checkpoint is not None:
+        raise UsageError(
+            "--checkpoint chooses among a run's checkpoints; --weights DIR holds one classifier "
+            "(see mnist-flax export --help)"
+        )
+    from mnist_flax import export
+
+    given = {
+        "dataset": args.dataset,
+        "data_dir": args.data_dir,
+        "test_split": args.test_split,
+        "train_split": args.train_split,
+    }
+    # Unset flags keep `export_classifier`'s defaults (TrainConfig's).
+    export.export_classifier(
+        args.weights,
+        **common,
+        **{name: value for name, value in given.items() if value is not None},
+    )
+
+
 def _plot(args: argparse.Namespace) -> None:
     from mnist_flax import plotting
 
@@ -446,6 +557,7 @@ COMMANDS = {
     "evaluate": _evaluate,
     "predict": _predict,
     "convert": _convert,
+    "export": _export,
     "plot": _plot,
     "benchmark": _benchmark,
 }

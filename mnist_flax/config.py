@@ -48,6 +48,10 @@ STAGES = (FROZEN_STAGE, FINE_TUNE_STAGE)
 # Which checkpoint of a run `mnist-flax evaluate` restores: "best" by validation accuracy (a run
 # with --validation-split), "latest", or "auto": best where there is a validation split, else latest.
 EVALUATE_CHECKPOINTS = ("auto", "best", "latest")
+# What `mnist-flax export` writes (`export.py`): a .keras file, a LiteRT .tflite, an ONNX model, or
+# jax.export's serialized StableHLO; and the quantization LiteRT can apply.
+EXPORT_FORMATS = ("keras", "litert", "onnx", "stablehlo")
+EXPORT_QUANTIZATIONS = ("int8",)
 # What `mnist-flax benchmark` can measure (`benchmark.py`), and what it measures unless told.
 MEASUREMENTS = ("pipeline", "step", "forward", "end-to-end", "cache")
 DEFAULT_MEASUREMENTS = ("pipeline", "step", "forward", "end-to-end")

@@ -14,6 +14,9 @@ Weight sources understood:
   by position and the layer's real name as an attribute.
 H5 files are read with h5py only: TensorFlow is never imported on that path.
 
+The same map, read the other way (`keras_arrays`, `assign_keras_weights`), fills a Keras
+MobileNetV2 from the model: `mnist-flax export --format keras` (`keras_classifier.py`).
+
 The same directory format holds a whole classifier (`save_classifier` / `restore_classifier`, backbone,
 adapter and head), which `--weights DIR` continues or evaluates; converting a whole trained Keras
 classifier into one is `keras_classifier.py`'s.
@@ -189,6 +192,57 @@ def copy_keras_weights(arrays: KerasArrays, model: MobileNetV2, description: str
 
 
 # ----------------------------------------------------------------------------------------------------
+# The way back: the same map read the other way, from the model into a live Keras MobileNetV2.
+
+
+def keras_arrays(model: MobileNetV2) -> KerasArrays:
+    """`model`'s arrays by Keras layer and variable name: what `copy_keras_weights` copied in,
+    read back out through the same map (`keras_layers`, `KERAS_VARIABLES`, `KERAS_TO_NNX_VARIABLE`)."""
+    return {
+        layer: {
+            keras_name: np.asarray(getattr(module, KERAS_TO_NNX_VARIABLE[keras_name]).get_value())
+            for keras_name in KERAS_VARIABLES[type(module)]
+        }
+        for layer, module in model.keras_layers().items()
+    }
+
+
+def assign_keras_weights(arrays: KerasArrays, keras_model: Any, description: str) -> None:
+    """Assigns `arrays` (`keras_arrays`) to the MobileNetV2 in a live Keras model, by name.
+
+    The inverse of `read_keras_model`: every Keras variable must get an array of its shape and
+    every array must be used, so a map that missed a layer fails here rather than leaving Keras'
+    initial values in the exported model.
+    """
+    mobilenet = find_mobilenet(keras_model)
+    if mobilenet is None:
+        raise WeightsError(f"{description}: the Keras model has no layer named 'Conv1'")
+    unvisited = {(layer, variable) for layer, variables in arrays.items() for variable in variables}
+    for layer in mobilenet.layers:
+        weights = {variable_name(w.path): w for w in layer.weights}
+        for name, weight in _canonical(weights, layer.name, description).items():
+            if (layer.name, name) not in unvisited:
+                raise WeightsError(
+                    f"{description}: Keras layer {layer.name!r} has a {name!r} variable that no "
+                    "array of the model maps to (another alpha or include_top?)"
+                )
+            array = arrays[layer.name][name]
+            if tuple(weight.shape) != array.shape:
+                raise WeightsError(
+                    f"{description}: Keras layer {layer.name!r} {name} has shape "
+                    f"{tuple(weight.shape)}, the model's array {array.shape}"
+                )
+            weight.assign(array)
+            unvisited.remove((layer.name, name))
+    if unvisited:
+        layer, variable = sorted(unvisited)[0]
+        raise WeightsError(
+            f"{description}: {len(unvisited)} arrays found no Keras variable, first layer "
+            f"{layer!r} {variable}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------
 # Reading weights.
 
 
@@ -198,8 +252,9 @@ def variable_name(weight_name: str) -> str:
     return name.removesuffix(":0")
 
 
-def _canonical(variables: Mapping[str, np.ndarray], layer: str, description: str) -> dict:
-    """Keras 2's `depthwise_kernel` is Keras 3's `kernel`: store it under the latter, once."""
+def _canonical(variables: Mapping[str, Any], layer: str, description: str) -> dict:
+    """Keras 2's `depthwise_kernel` is Keras 3's `kernel`: store it (an array or a Keras variable)
+    under the latter, once."""
     out: dict[str, np.ndarray] = {}
     for name, array in variables.items():
         canonical = "kernel" if name == "depthwise_kernel" else name

@@ -6,7 +6,8 @@ head; `evaluate_classifier` builds a whole classifier that `mnist-flax convert -
 eval step as training (`_measure`), and write confusion.png and misclassified.png into the workdir.
 Which checkpoint of a run is used (`choose_checkpoint`), how its model is rebuilt (`restore_model`)
 and how a converted classifier's config is read (`converted_classifier_config`) are shared with
-`mnist-flax predict` (`predict.py`).
+`mnist-flax predict`; `mnist-flax export` takes its classifier, with the test split it checks on,
+from `restore_run` and `load_classifier`, which `evaluate` and `evaluate_classifier` measure.
 """
 
 from __future__ import annotations
@@ -36,6 +37,32 @@ def evaluate(
     misclassified.png into the workdir. Returns {"epoch", "checkpoint", "chosen", "test_split",
     "test_loss", "test_accuracy", "num_examples", "confusion"}.
     """
+    run = restore_run(workdir, checkpoint=checkpoint, test_split=test_split)
+    measured = _measure(run.model, run.config, run.split, pathlib.Path(workdir), run.description)
+    return {"epoch": run.epoch, "checkpoint": checkpoint, "chosen": run.chosen, **measured}
+
+
+@dataclasses.dataclass
+class Loaded:
+    """A classifier to measure or export, the config it was built from and its test split."""
+
+    model: TransferClassifier
+    config: TrainConfig
+    split: input_pipeline.Split
+    description: str  # which classifier, for the printed line
+    epoch: int | None = None  # a run's: the checkpoint's epoch and why it was chosen
+    chosen: str | None = None
+
+
+def restore_run(
+    workdir: str | os.PathLike, *, checkpoint: str = "auto", test_split: str | None = None
+) -> Loaded:
+    """The workdir's run as `evaluate` measures it (and `mnist-flax export` exports it): its model
+    rebuilt from the config its checkpoint recorded, the chosen checkpoint's head restored.
+
+    `checkpoint` as for `evaluate`; `test_split` (default: the run's) is loaded and checked against
+    the run's classes before the slow model build.
+    """
     workdir = pathlib.Path(workdir)
     chosen = choose_checkpoint(workdir, checkpoint)
     config = dataclasses.replace(chosen.config, test_split=test_split or chosen.config.test_split)
@@ -46,8 +73,8 @@ def evaluate(
             f"classes but the checkpoint in {workdir} was trained on {chosen.num_classes}"
         )
     model = restore_model(chosen, config)
-    measured = _measure(model, config, split, workdir, f"{chosen.chosen}, epoch {chosen.epoch}")
-    return {"epoch": chosen.epoch, "checkpoint": checkpoint, "chosen": chosen.chosen, **measured}
+    description = f"{chosen.chosen}, epoch {chosen.epoch}"
+    return Loaded(model, config, split, description, chosen.epoch, chosen.chosen)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +180,24 @@ def evaluate_classifier(
     config.json. Prints the test accuracy and writes confusion.png and misclassified.png into
     `workdir`. Returns {"test_split", "test_loss", "test_accuracy", "num_examples", "confusion"}.
     """
+    loaded = load_classifier(
+        weights, dataset=dataset, data_dir=data_dir, test_split=test_split, batch_size=batch_size
+    )
+    return _measure(
+        loaded.model, loaded.config, loaded.split, pathlib.Path(workdir), loaded.description
+    )
+
+
+def load_classifier(
+    weights: str | os.PathLike,
+    *,
+    dataset: str = TrainConfig.dataset,
+    data_dir: str | os.PathLike | None = None,
+    test_split: str = TrainConfig.test_split,
+    batch_size: int = TrainConfig.batch_size,
+) -> Loaded:
+    """The whole classifier in `weights` as `evaluate_classifier` measures it (and `mnist-flax
+    export` exports it), with the test split, checked against its classes."""
     config, num_classes = converted_classifier_config(
         weights,
         dataset=dataset,
@@ -168,9 +213,7 @@ def evaluate_classifier(
         )
     runtime.enable_compilation_cache(config.compilation_cache)
     model = create_model(config, num_classes)  # every parameter from the directory
-    return _measure(
-        model, config, split, pathlib.Path(workdir), f"the {config.model} classifier in {weights}"
-    )
+    return Loaded(model, config, split, f"the {config.model} classifier in {weights}")
 
 
 def converted_classifier_config(

@@ -1,10 +1,13 @@
-"""A whole trained Keras classifier -> `TransferClassifier`: what `mnist-flax convert --keras-model` runs.
+"""Whole Keras classifiers <-> `TransferClassifier`: `mnist-flax convert --keras-model` and the way back.
 
 Converts the Keras notebook's model and the pipeline model (a live model, or a `.keras` / full-model
-`.h5` file through `load_keras_model`, the one path here that imports Keras), trained head and
-adapter included. The backbone's arrays go through `convert.py`'s name map; the adapter's Conv2D and
-the head's Dense are copied here. `convert.save_classifier` then writes it as a directory that
-`--weights DIR` continues or evaluates.
+`.h5` file through `load_keras_model`), trained head and adapter included. The backbone's arrays go
+through `convert.py`'s name map; the adapter's Conv2D and the head's Dense are copied here.
+`convert.save_classifier` then writes it as a directory that `--weights DIR` continues or evaluates.
+`keras_from_classifier` builds the Keras model of either kind back from a `TransferClassifier`
+through the same maps (`mnist-flax export --format keras`, and what LiteRT and ONNX are converted
+from), so converting a Keras classifier and exporting it gives its arrays back bit for bit. Only
+the paths that take or make a live Keras model import Keras.
 """
 
 from __future__ import annotations
@@ -334,3 +337,63 @@ def _copy_dense_or_conv(layer: Any, module: Any, description: str) -> None:
             f"{description}: layer {layer.name!r} has arrays the converter does not know: "
             f"{', '.join(sorted(unvisited))}"
         )
+
+
+# ----------------------------------------------------------------------------------------------------
+# The way back: a `TransferClassifier` as the Keras model of its kind.
+
+# The Keras model's input and its own layers, by name (the backbone keeps Keras' MobileNetV2 names).
+KERAS_INPUT_NAMES = {"pipeline": "images", "notebook": "digits"}
+
+
+def keras_from_classifier(model: TransferClassifier) -> Any:
+    """The Keras classifier computing what `model` computes, its arrays copied bit for bit.
+
+    The pipeline model: `keras.Input((S, S, 3), name="images")` (RGB in [-1, 1]) ->
+    `MobileNetV2(alpha, include_top=False)` -> `GlobalAveragePooling2D` -> `Dense(n, "softmax")`;
+    the notebook model: `keras.Input((28, 28, 1), name="digits")` (in [0, 1]) -> `UpSampling2D(f)`
+    -> `Conv2D(3, (3, 3), "same", "relu")` -> the same backbone and head. Functional models,
+    taking any batch size, the backbone frozen as in the tutorial; `classifier_from_keras` of the
+    result gives `model`'s arrays back. The output is the softmax probabilities (ours computes
+    logits and applies the softmax in the loss and in `predict`).
+    """
+    import keras  # heavy (TensorFlow): only the Keras-based exports need it
+
+    kind = convert.classifier_kind(model)
+    description = f"the {kind} classifier"
+    size = model.image_size
+    shape = (DIGIT_SIZE, DIGIT_SIZE, 1) if model.adapter is not None else (size, size, 3)
+    inputs = keras.Input(shape, name=KERAS_INPUT_NAMES[kind])
+    x = inputs
+    if model.adapter is not None:
+        factor = model.adapter.factor
+        x = keras.layers.UpSampling2D((factor, factor), name="upsampling")(x)
+        adapter = keras.layers.Conv2D(3, (3, 3), padding="same", activation="relu", name="adapter")
+        x = adapter(x)
+    backbone = keras.applications.MobileNetV2(
+        input_shape=(size, size, 3), alpha=model.backbone.alpha, include_top=False, weights=None
+    )
+    backbone.trainable = False
+    x = keras.layers.GlobalAveragePooling2D(name="pooling")(backbone(x, training=False))
+    head = keras.layers.Dense(model.head.out_features, activation="softmax", name="head")
+    keras_model = keras.Model(inputs, head(x), name=f"mnist_{kind}")
+    convert.assign_keras_weights(convert.keras_arrays(model.backbone), backbone, description)
+    if model.adapter is not None:
+        _assign_dense_or_conv(model.adapter.conv, adapter, description)
+    _assign_dense_or_conv(model.head, head, description)
+    return keras_model
+
+
+def _assign_dense_or_conv(module: Any, layer: Any, description: str) -> None:
+    """An nnx.Linear/nnx.Conv's kernel and bias into a Keras Dense/Conv2D: `_copy_dense_or_conv` backwards."""
+    weights = {convert.variable_name(weight.path): weight for weight in layer.weights}
+    if sorted(weights) != sorted(_KERAS_TO_NNX_DENSE_OR_CONV):
+        raise AssertionError(f"{description}: Keras layer {layer.name!r} has {sorted(weights)}")
+    for keras_name, nnx_name in _KERAS_TO_NNX_DENSE_OR_CONV.items():
+        array = np.asarray(getattr(module, nnx_name).get_value())
+        if tuple(weights[keras_name].shape) != array.shape:
+            raise AssertionError(
+                f"{description}: Keras layer {layer.name!r} {keras_name} has shape "
+                f"{tuple(weights[keras_name].shape)}, ours {array.shape}"
+            )
+        weights[keras_name].assign(array)

@@ -19,7 +19,7 @@ from flax import nnx
 
 from mnist_flax.config import DIGIT_SIZE, TrainConfig, fine_tune_layer
 from mnist_flax.convolutions import SAME_3X3, conv2d
-from mnist_flax.mobilenet_v2 import MobileNetV2
+from mnist_flax.mobilenet_v2 import Conv2D, DepthwiseConv2D, MobileNetV2
 
 # `config.dtype` names -> compute dtypes.
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -166,6 +166,25 @@ class TransferClassifier(nnx.Module):
         """The head alone, on pooled backbone features [B, num_features] (also cached ones)."""
         # A bfloat16 backbone hands over bfloat16 features; the head and the softmax stay float32.
         return self.head(features.astype(jnp.float32))
+
+
+def with_computation(
+    model: TransferClassifier, *, conv_impl: str, batch_chunk: int
+) -> TransferClassifier:
+    """A copy of `model` sharing its arrays that computes in float32, its convolutions by
+    `conv_impl` (`convolutions.py`), `batch_chunk` images at a time (0: the whole batch).
+
+    What the exports trace (`export.py`): the same parameters whatever `--dtype`, `--conv-impl`
+    and chunking the run used, so that every format computes the same float32 function.
+    """
+    copy = nnx.clone(model)
+    for _, module in nnx.iter_modules(copy):
+        if isinstance(module, (MobileNetV2, Conv2D, DepthwiseConv2D, NotebookAdapter)):
+            module.conv_impl = conv_impl
+        if isinstance(module, (MobileNetV2, Conv2D, DepthwiseConv2D)):
+            module.dtype = None  # the input's: float32
+    copy.backbone.batch_chunk = batch_chunk
+    return copy
 
 
 def build_backbone(config: TrainConfig, rngs: nnx.Rngs) -> MobileNetV2:
