@@ -2,11 +2,12 @@
 
 This module owns the order of a run: load the splits, take the workdir (its lock, one run per
 workdir: `workdir_lock.py`), refuse a workdir of another run, build the model (`model.py`), resume
-from the newest checkpoint that reads (setting aside those that do not), then per stage (frozen, then optionally
-fine-tuning) the stage's optimizer, what its epochs run on (images, or what its frozen layers compute,
-cached: `feature_cache.py`), and per epoch a train pass and a test pass through the `StepRunner` (`steps.py`), a line of
-progress, history.json and an Orbax checkpoint (`checkpoints.py`); at the end curves.png
-(`plotting.py`). Ctrl-C stops after the last complete epoch's checkpoint.
+from the newest checkpoint that reads (setting aside those that do not), then per stage (frozen,
+then optionally fine-tuning) the stage's optimizer, what its epochs run on (images, or what its
+frozen layers compute, cached: `feature_cache.py`), and per epoch a train pass and a test pass
+through the `StepRunner` (`steps.py`), a line of progress, history.json and an Orbax checkpoint
+(`checkpoints.py`); at the end curves.png (`plotting.py`). Ctrl-C stops after the last complete
+epoch's checkpoint.
 
 Data parallel over every device of every process (`parallel.py`): the batch is split over a 1-D
 mesh and the state replicated, the same code on one device and on a pod slice.

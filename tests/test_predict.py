@@ -198,7 +198,7 @@ def test_predict_a_run_as_evaluate_restores_it(trained_run, digit_files, capsys,
     results = json.loads(out)
     # The restored model's own forward pass, from the checkpoint read here.
     store = checkpoints.RunCheckpoints(trained_run, read_only=True)
-    config = TrainConfig.from_dict(store.run_config(2))
+    config = TrainConfig.from_dict(store.readable([2], say=print).meta["config"])
     model = create_model(config, 10)
     restored = store.restore(2, trainable=nnx.state(model, trainable_filter(model)))
     store.close()
