@@ -48,8 +48,12 @@ PROBABILITY_ATOL = 1e-5
 HEAD_GRAD_RTOL = 1e-4
 ADAPTER_GRAD_RTOL = 2e-3
 GRAD_ATOL = 1e-6
-# The mean cross-entropy of a batch after each of 5 Adam steps (1e-3) from the same weights.
-LOSS_ATOL = 1e-4
+# The mean cross-entropy of a batch after each of 5 Adam steps (1e-3) from the same weights. Adam's
+# first step moves every parameter by ~lr whatever its gradient's size, so the adapter's gradient
+# entries near 0 (see above) can step either way: the notebook model's losses differ by 6e-5 to
+# 1.4e-4 depending on the CPU's summation order, the pipeline's (head only) by ~2e-5. Both stay
+# below Keras' epsilon placement, which alone moved them by 4.6e-4 (docs/results.md#keras-parity).
+LOSS_ATOL = {"notebook": 3e-4, "pipeline": 1e-4}
 # `evaluate --weights`' mean cross-entropy over 12 digits vs Keras' on the same digits: -log of
 # probabilities that agree to PROBABILITY_ATOL, a loss of ~2.5 (measured 4e-6 and 6e-6).
 EVAL_LOSS_ATOL = 3e-5
@@ -266,10 +270,10 @@ def test_five_training_steps_match_keras_train_on_batch(
         f"losses {np.round(theirs, 4)} (untrained last batch {untrained:.4f}); "
         f"max |loss - loss_keras| = {errors.max():.2g}"
     )
-    assert errors.max() <= LOSS_ATOL, f"losses ours {ours} vs Keras {theirs}"
+    assert errors.max() <= LOSS_ATOL[model_name], f"losses ours {ours} vs Keras {theirs}"
     # Four steps moved the last batch's loss by far more than the tolerance: a step that did
     # nothing, or trained other parameters, could not pass.
-    assert abs(theirs[-1] - untrained) > 100 * LOSS_ATOL
+    assert abs(theirs[-1] - untrained) > 100 * LOSS_ATOL[model_name]
 
 
 # ----------------------------------------------------------------------------------------------------

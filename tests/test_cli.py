@@ -187,7 +187,7 @@ def test_ctrl_c_stops_after_a_saved_epoch_and_the_next_run_resumes_quietly(tmp_p
     """
 
     # Epochs of a few seconds each, so that the signal surely lands in the middle of the run.
-    input_pipeline.write_idx_split(tmp_path / "idx", "train", *block_digits(6000, seed=0))
+    input_pipeline.write_idx_split(tmp_path / "idx", "train", *block_digits(3000, seed=0))
     input_pipeline.write_idx_split(tmp_path / "idx", "t10k", *block_digits(16, seed=1))
     command = [
         sys.executable, "-m", "mnist_flax", "train", *TINY, "--epochs", "3", "--quiet",
