@@ -24,10 +24,11 @@ import jax
 import jax.numpy as jnp
 
 Padding = tuple[tuple[int, int], tuple[int, int]]
-# A chunk's widest activation should fit about this (both cores' L2 and some), with at most
-# MAX_CHUNK images: what measured fastest per unit of MobileNetV2 (docs/cpu_path.md).
+# A chunk's widest activation should fit about this, with at most MAX_CHUNK images. Larger chunks
+# (up to 8) were faster on one 2-core CPU and slower on another; 2 is the choice that was never
+# slow (docs/cpu_path.md#chunks-per-unit-2026-12-01). Larger inputs get 1 where 2 do not fit.
 CHUNK_BYTES = 10 * 2**20
-MAX_CHUNK = 8
+MAX_CHUNK = 2
 
 
 @jax.custom_jvp

@@ -252,7 +252,7 @@ class MobileNetV2(nnx.Module):
     conv_impl: "auto" | "xla" | "cpu", how convolutions are computed (`convolutions.py`); same results.
     dtype: compute dtype of activations (e.g. jnp.bfloat16); parameters stay float32.
     batch_chunk: images per pass through the network; None = chosen per unit by activation size on
-        the CPU path (`CPU_CHUNK_BYTES`), the whole batch otherwise; 0 = the whole batch.
+        the CPU path (`cpu_ops.images_per_chunk`), the whole batch otherwise; 0 = the whole batch.
     """
 
     def __init__(

@@ -22,6 +22,7 @@ from keras_helpers import (
     random_keras_mobilenet,
 )
 
+from mnist_flax import cpu_ops
 from mnist_flax.config import backbone_layer_names
 from mnist_flax.convert import mobilenet_v2_from_keras
 from mnist_flax.convolutions import correct_pad
@@ -242,10 +243,12 @@ def test_bad_options_raise_clear_errors():
 
 
 def test_the_cpu_path_runs_each_unit_in_chunks_sized_to_its_activation():
-    """Chunks of 4 where activations are widest, else 8 (remainders of 5 images): same output."""
+    """Chunks of 2, and of 1 where 2 images' activation outgrows the budget: the same output."""
     model = random_model(alpha=0.35, include_top=False, pooling="avg", conv_impl="cpu")
-    chunks = model.unit_chunks(224, 224)
-    assert chunks[:3] == [4, 8, 4] and set(chunks[3:]) == {8}, chunks
+    assert model.unit_chunks(224, 224) == [cpu_ops.MAX_CHUNK] * 19 == [2] * 19
+    # At 448 px the stem's windows (224 x 224 x 27 float32 an image) and block 1's expanded
+    # activation (224 x 224 x 48) do not fit CHUNK_BYTES twice.
+    assert model.unit_chunks(448, 448) == [1, 2, 1] + [2] * 16
     assert random_model(conv_impl="xla").unit_chunks(224, 224) == [0] * 19
     images = random_images((5, 224, 224, 3))
     chunked = nnx.jit(lambda m, x: m(x))(model, images)
