@@ -18,7 +18,8 @@
 # OUT_DIR/table.md (every round's seconds and the medians, ours / Keras from the medians), printed.
 # Settings (environment): ROUNDS (3), MNIST_FLAX_WEIGHTS, MNIST_FLAX_DATA_DIR (default ../shared),
 # IMAGE_SIZE (224), TRAIN_SPLIT ("test[:1024]"), NOTEBOOK_SPLIT ("test[:512]"), TEST_SPLIT
-# ("test[9744:]"), PYTHON (default python3, or the active virtual environment's).
+# ("test[9744:]"), KERAS_BACKENDS ("tensorflow jax": the Keras jobs run on these, in this order),
+# PYTHON (default python3, or the active virtual environment's).
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -29,6 +30,7 @@ PY=${PYTHON:-python3}
 [ -n "${VIRTUAL_ENV:-}" ] && [ -z "${PYTHON:-}" ] && PY=$VIRTUAL_ENV/bin/python
 
 ROUNDS=${ROUNDS:-3}
+read -r -a KERAS_BACKENDS <<<"${KERAS_BACKENDS:-tensorflow jax}"
 WEIGHTS=${MNIST_FLAX_WEIGHTS:-$SHARED/weights/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5}
 DATA_DIR=${MNIST_FLAX_DATA_DIR:-$SHARED/data/mnist}
 COMMON=(--weights "$WEIGHTS" --data-dir "$DATA_DIR" --image-size "${IMAGE_SIZE:-224}"
@@ -68,11 +70,13 @@ for round in $(seq 1 "$ROUNDS"); do
     --workdir "$OUT_DIR/tutorial-first-$round" --feature-cache "$features"
   timed tutorial ours-second "$round" ours "${COMMON[@]}" "${TUTORIAL[@]}" \
     --workdir "$OUT_DIR/tutorial-second-$round" --feature-cache "$features"
-  timed tutorial keras-tensorflow "$round" keras --backend tensorflow "${COMMON[@]}" "${TUTORIAL[@]}"
-  timed tutorial keras-jax "$round" keras --backend jax "${COMMON[@]}" "${TUTORIAL[@]}"
+  for backend in "${KERAS_BACKENDS[@]}"; do
+    timed tutorial "keras-$backend" "$round" keras --backend "$backend" "${COMMON[@]}" "${TUTORIAL[@]}"
+  done
   timed notebook ours "$round" ours "${COMMON[@]}" "${NOTEBOOK[@]}" --workdir "$OUT_DIR/notebook-$round"
-  timed notebook keras-tensorflow "$round" keras --backend tensorflow "${COMMON[@]}" "${NOTEBOOK[@]}"
-  timed notebook keras-jax "$round" keras --backend jax "${COMMON[@]}" "${NOTEBOOK[@]}"
+  for backend in "${KERAS_BACKENDS[@]}"; do
+    timed notebook "keras-$backend" "$round" keras --backend "$backend" "${COMMON[@]}" "${NOTEBOOK[@]}"
+  done
 done
 
 "$PY" - "$OUT_DIR" "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null)" <<'EOF'
