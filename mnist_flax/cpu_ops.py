@@ -19,16 +19,41 @@ to float32 rounding; `tests/test_mobilenet_v2.py` checks outputs and gradients a
 from __future__ import annotations
 
 import functools
+import pathlib
 
 import jax
 import jax.numpy as jnp
 
 Padding = tuple[tuple[int, int], tuple[int, int]]
-# A chunk's widest activation should fit about this, with at most MAX_CHUNK images. Larger chunks
-# (up to 8) were faster on one 2-core CPU and slower on another; 2 is the choice that was never
-# slow (docs/cpu_path.md#chunks-per-unit-2026-12-01). Larger inputs get 1 where 2 do not fit.
+# A chunk's widest activation should fit about CHUNK_BYTES, with at most `max_chunk()` images: up to
+# 8 on a CPU whose cores have 1 MiB of L2 cache or more, 2 below. Chunks of up to 8 were 6% faster
+# than 2 on an Intel Xeon with 2 MiB of L2 a core and 12% slower on an AMD EPYC with 512 KiB
+# (docs/cpu_path.md#chunks-per-unit). Larger inputs get 1 where 2 do not fit.
 CHUNK_BYTES = 10 * 2**20
-MAX_CHUNK = 2
+LARGE_L2_BYTES = 2**20
+MAX_CHUNK_LARGE_L2, MAX_CHUNK_SMALL_L2 = 8, 2
+_SIZE_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30}
+
+
+def l2_cache_bytes(
+    cache_dir: pathlib.Path = pathlib.Path("/sys/devices/system/cpu/cpu0/cache"),
+) -> int:
+    """One core's L2 cache in bytes, as Linux reports it (sysfs); 0 where it does not say."""
+    for index in sorted(cache_dir.glob("index*")):
+        try:
+            if (index / "level").read_text().strip() != "2":
+                continue
+            size = (index / "size").read_text().strip()  # e.g. "2048K"
+            return int(size[:-1]) * _SIZE_UNITS[size[-1]] if size[-1] in _SIZE_UNITS else int(size)
+        except (OSError, ValueError):
+            continue
+    return 0
+
+
+@functools.cache
+def max_chunk() -> int:
+    """The most images a chunk holds on this machine's CPU (see CHUNK_BYTES)."""
+    return MAX_CHUNK_LARGE_L2 if l2_cache_bytes() >= LARGE_L2_BYTES else MAX_CHUNK_SMALL_L2
 
 
 @jax.custom_jvp
@@ -65,9 +90,9 @@ def map_in_chunks(fn, x: jax.Array, chunk: int) -> jax.Array:
 
 
 def images_per_chunk(bytes_per_image: int) -> int:
-    """The most images (a power of two, at most `MAX_CHUNK`) whose activation fits `CHUNK_BYTES`."""
-    chunk = 1
-    while chunk * 2 <= MAX_CHUNK and chunk * 2 * bytes_per_image <= CHUNK_BYTES:
+    """The most images (a power of two, at most `max_chunk()`) whose activation fits `CHUNK_BYTES`."""
+    chunk, most = 1, max_chunk()
+    while chunk * 2 <= most and chunk * 2 * bytes_per_image <= CHUNK_BYTES:
         chunk *= 2
     return chunk
 

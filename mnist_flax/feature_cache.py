@@ -311,6 +311,8 @@ class Caching:
             "image_size": config.image_size,
             "dtype": config.dtype,
             "conv_impl": config.conv_impl,
+            # Images per chunk depend on the CPU's caches (`cpu_ops.max_chunk`).
+            "unit_chunks": backbone.unit_chunks(config.image_size, config.image_size),
             "resize": resolve_resize(config.resize, config.model),
             "batch_size": parallel.local_batch_size(config.batch_size),
             "devices": jax.device_count(),

@@ -242,15 +242,45 @@ def test_bad_options_raise_clear_errors():
         model(jnp.zeros((1, 31, 64, 3)))
 
 
-def test_the_cpu_path_runs_each_unit_in_chunks_sized_to_its_activation():
-    """Chunks of 2, and of 1 where 2 images' activation outgrows the budget: the same output."""
+def test_the_l2_cache_size_is_read_from_sysfs(tmp_path):
+    for index, (level, size) in enumerate(
+        [("1", "48K"), ("1", "32K"), ("2", "2048K"), ("3", "2M")]
+    ):
+        (tmp_path / f"index{index}").mkdir()
+        (tmp_path / f"index{index}" / "level").write_text(level + "\n")
+        (tmp_path / f"index{index}" / "size").write_text(size + "\n")
+    assert cpu_ops.l2_cache_bytes(tmp_path) == 2048 * 2**10
+    (tmp_path / "index2" / "size").write_text("512K\n")
+    assert cpu_ops.l2_cache_bytes(tmp_path) == 512 * 2**10
+    (tmp_path / "index2" / "size").write_text("lots\n")
+    assert cpu_ops.l2_cache_bytes(tmp_path) == 0
+    assert cpu_ops.l2_cache_bytes(tmp_path / "absent") == 0
+
+
+@pytest.mark.parametrize(
+    "l2_bytes, at_224, at_448",
+    [
+        # 512 KiB of L2 a core (the AMD EPYC): chunks of 2, 1 where 2 images outgrow the budget.
+        # At 448 px the stem's windows (224 x 224 x 27 float32 an image) and block 1's expanded
+        # activation (224 x 224 x 48) do not fit CHUNK_BYTES twice.
+        (2**19, [2] * 19, [1, 2, 1] + [2] * 16),
+        # 2 MiB (the Intel Xeon): as many as fit, up to 8; unknown (0) counts as small.
+        (2**21, [4, 8, 4] + [8] * 16, [1, 2, 1, 4, 4] + [8] * 14),
+        (0, [2] * 19, [1, 2, 1] + [2] * 16),
+    ],
+)
+def test_the_cpu_path_runs_each_unit_in_chunks_sized_to_its_activation(
+    l2_bytes, at_224, at_448, monkeypatch, request
+):
+    """Chunks sized to each unit's widest activation and the CPU's L2 cache: the same output."""
+    monkeypatch.setattr(cpu_ops, "l2_cache_bytes", lambda: l2_bytes)
+    cpu_ops.max_chunk.cache_clear()
+    request.addfinalizer(cpu_ops.max_chunk.cache_clear)  # before the real l2_cache_bytes returns
     model = random_model(alpha=0.35, include_top=False, pooling="avg", conv_impl="cpu")
-    assert model.unit_chunks(224, 224) == [cpu_ops.MAX_CHUNK] * 19 == [2] * 19
-    # At 448 px the stem's windows (224 x 224 x 27 float32 an image) and block 1's expanded
-    # activation (224 x 224 x 48) do not fit CHUNK_BYTES twice.
-    assert model.unit_chunks(448, 448) == [1, 2, 1] + [2] * 16
+    assert model.unit_chunks(224, 224) == at_224
+    assert model.unit_chunks(448, 448) == at_448
     assert random_model(conv_impl="xla").unit_chunks(224, 224) == [0] * 19
-    images = random_images((5, 224, 224, 3))
+    images = random_images((10, 224, 224, 3))  # whole chunks of 2, 4 and 8, and what is left
     chunked = nnx.jit(lambda m, x: m(x))(model, images)
     model.batch_chunk = 0
     assert model.unit_chunks(224, 224) == [0] * 19
