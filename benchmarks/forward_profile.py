@@ -8,7 +8,8 @@ setting ("auto" is the default per-unit choice, `MobileNetV2.unit_chunks`; a num
 images for every unit), interleaved with a float32 2048 x 2048 matrix product in the same
 process: images/s, GFLOP/s (XLA's cost analysis of the pass as one straight graph) and the share of
 the product's rate. `--per-unit` times each of the 19 units alone on its real input, for chunks
-of 1, 2, 4, 8 and the whole batch. Medians over `--repeats` rounds.
+of 1, 2, 4, 8 and the whole batch, with each unit's FLOPs and its rate at the default chunk
+against the product's. Medians over `--repeats` rounds.
 """
 
 from __future__ import annotations
@@ -64,7 +65,9 @@ def main() -> None:
     a = jnp.ones((MATMUL_SIDE, MATMUL_SIDE), jnp.float32)
     matmul = jax.jit(lambda a: a @ a)
     if args.per_unit:
-        per_unit(backbone, images, args.repeats)
+        timed(matmul, a)
+        rate = 2 * MATMUL_SIDE**3 / np.median([timed(matmul, a) for _ in range(5)]) / 1e9
+        per_unit(backbone, images, args.repeats, rate)
         return
     passes = {chunk: forward(chunk) for chunk in args.chunks}
     for fn, state in passes.values():
@@ -89,7 +92,7 @@ def main() -> None:
         )
 
 
-def per_unit(backbone, images, repeats: int) -> None:
+def per_unit(backbone, images, repeats: int, rate: float) -> None:
     backbone.batch_chunk = None  # the per-unit choice, shown beside the timings
     graphdef, state = nnx.split(backbone)
     inputs, x = [], images
@@ -111,19 +114,40 @@ def per_unit(backbone, images, repeats: int) -> None:
         for (unit, chunk), fn in fns.items():
             seconds[unit, chunk].append(timed(fn, state, inputs[unit]))
     chosen = backbone.unit_chunks(images.shape[1], images.shape[2])
-    print("unit  input            " + "".join(f"{c:>9}" for c in chunks) + "   auto")
+    batch = images.shape[0]
+    # Each unit's FLOPs from XLA's cost analysis of its whole-batch graph.
+    flops = [
+        fns[unit, batch].lower(state, inputs[unit]).compile().cost_analysis()["flops"]
+        for unit in range(NUM_UNITS)
+    ]
+    print(f"float32 {MATMUL_SIDE}x{MATMUL_SIDE} matrix product: {rate:.1f} GFLOP/s")
+    print(
+        "unit  input          "
+        + "".join(f"{c:>8}" for c in chunks)
+        + "  auto  GFLOPs  GFLOP/s at auto (share of the product's)"
+    )
     totals = dict.fromkeys(chunks, 0.0)
+    auto_total = 0.0
     for unit in range(NUM_UNITS):
         ms = {chunk: np.median(seconds[unit, chunk]) * 1e3 for chunk in chunks}
         for chunk in chunks:
             totals[chunk] += ms[chunk]
+        auto_ms = ms[chosen[unit] or batch]
+        auto_total += auto_ms
+        achieved = flops[unit] / auto_ms / 1e6
         shape = "x".join(map(str, inputs[unit].shape[1:]))
         print(
-            f"{unit:>4}  {shape:15}"
-            + "".join(f"{ms[c]:9.1f}" for c in chunks)
-            + f"{chosen[unit]:>7}"
+            f"{unit:>4}  {shape:14}"
+            + "".join(f"{ms[c]:8.1f}" for c in chunks)
+            + f"{chosen[unit]:>6}{flops[unit] / 1e9:8.3f}{achieved:9.1f} ({achieved / rate:.0%})"
         )
-    print("sum   " + " " * 15 + "".join(f"{totals[c]:9.1f}" for c in chunks) + "   (ms)")
+    achieved = sum(flops) / auto_total / 1e6
+    print(
+        "sum   "
+        + " " * 14
+        + "".join(f"{totals[c]:8.1f}" for c in chunks)
+        + f"{auto_total:6.1f}{sum(flops) / 1e9:8.3f}{achieved:9.1f} ({achieved / rate:.0%})   (ms)"
+    )
 
 
 if __name__ == "__main__":
