@@ -26,9 +26,9 @@ import jax.numpy as jnp
 
 Padding = tuple[tuple[int, int], tuple[int, int]]
 # A chunk's widest activation should fit about CHUNK_BYTES, with at most `max_chunk()` images: up to
-# 8 on a CPU whose cores have 1 MiB of L2 cache or more, 2 below. Chunks of up to 8 were 6% faster
-# than 2 on an Intel Xeon with 2 MiB of L2 a core and 12% slower on an AMD EPYC with 512 KiB
-# (docs/cpu_path.md#chunks-per-unit). Larger inputs get 1 where 2 do not fit.
+# 8 on a CPU whose cores have 1 MiB of L2 cache or more, 2 below. Larger chunks were faster than 2
+# on a CPU with 2 MiB of L2 a core and slower on one with 512 KiB (docs/cpu_path.md#chunks-per-unit).
+# Larger inputs get 1 where 2 do not fit.
 CHUNK_BYTES = 10 * 2**20
 LARGE_L2_BYTES = 2**20
 MAX_CHUNK_LARGE_L2, MAX_CHUNK_SMALL_L2 = 8, 2
