@@ -37,6 +37,8 @@ CENTRE = DIGIT_SIZE // 2
 # A pixel is ink when it differs from the background by more than this many standard deviations of
 # the background's noise (estimated from the image's border, robustly: 1.4826 x its MAD).
 INK_THRESHOLD_SIGMAS = 4.0
+# How finely stroke widths are measured: pixels a side of the grid per pixel of the digit.
+SUPERSAMPLE = 5
 # How many classes `mnist-flax predict` shows per image.
 TOP_SHOWN = 3
 
@@ -153,6 +155,30 @@ def _centred(ink: np.ndarray) -> np.ndarray:
     y1, x1 = min(DIGIT_SIZE, top + height), min(DIGIT_SIZE, left + width)
     frame[y0:y1, x0:x1] = ink[y0 - top : y1 - top, x0 - left : x1 - left]
     return np.round(frame).astype(np.uint8)
+
+
+def stroke_width(mask: np.ndarray) -> float:
+    """The mean width of a binary image's strokes, in its pixels: 4 x the mean distance from an ink
+    pixel's centre to the stroke's edge (spread evenly over 0..w/2 across a stroke w wide)."""
+    from scipy import ndimage
+
+    mask = np.asarray(mask, bool)
+    if not mask.any():
+        return 0.0
+    # The Euclidean distance transform measures to the nearest background pixel's centre, half a
+    # pixel beyond the edge.
+    return 4.0 * (float(ndimage.distance_transform_edt(mask)[mask].mean()) - 0.5)
+
+
+def digit_stroke_width(digit: np.ndarray) -> float:
+    """An MNIST-like digit's mean stroke width in its pixels, measured on it upscaled
+    `SUPERSAMPLE` times (bilinear) and thresholded at half brightness."""
+    from PIL import Image
+
+    digit = np.asarray(digit, np.float32)
+    size = (digit.shape[1] * SUPERSAMPLE, digit.shape[0] * SUPERSAMPLE)
+    upscaled = np.asarray(Image.fromarray(digit).resize(size, Image.Resampling.BILINEAR))
+    return stroke_width(upscaled >= 127.5) / SUPERSAMPLE
 
 
 def load_digit(path: str | os.PathLike) -> np.ndarray:
