@@ -1,6 +1,6 @@
 """How often `mnist-flax predict` is right on MNIST digits that do not look like MNIST's.
 
-Writes held-out MNIST test digits as PNG files in seven variants, classifies every file with a
+Writes held-out MNIST test digits as PNG files in eight variants, classifies every file with a
 trained run exactly as `mnist-flax predict` does (`predict.predict_files`: read, made MNIST-like,
 the run's input pipeline and forward pass), and prints per variant the fraction right, beside the
 fraction right without the MNIST-like step (the file's gray pixels resized to 28x28 as they are),
@@ -16,7 +16,12 @@ stroke width (`predict.digit_stroke_width`, in MNIST pixels) beside the original
   gradient and Gaussian noise;
 - thick-pen, thin-pen: the digit's strokes at 140x140 (bilinear upscale, thresholded at half
   level) thinned to their centre lines and redrawn dark on white with a round pen
-  `THICK_PEN` or `THIN_PEN` pixels wide there (MNIST's strokes would be 10-15 wide there).
+  `THICK_PEN` or `THIN_PEN` pixels wide there (MNIST's strokes would be 10-15 wide there);
+- even-pen: the same centre lines redrawn with a pen `EVEN_PEN` wide, MNIST's median stroke:
+  the control for the two pens, since redrawing a digit with any even pen changes it.
+
+`--mnist-like FILE` takes `mnist_like` from another predict.py (an older commit's, say) to
+compare conversions on the same files with the same measures.
 
 Accuracy, not timing. Train the run on digits the variants do not use, e.g. (docs/results.md):
 
@@ -30,8 +35,10 @@ Accuracy, not timing. Train the run on digits the variants do not use, e.g. (doc
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import pathlib
+import sys
 
 import numpy as np
 from PIL import Image
@@ -48,11 +55,14 @@ VARIANTS = (
     "noisy-paper",
     "thick-pen",
     "thin-pen",
+    "even-pen",
 )
 # The pens' widths in pixels of the 140x140 drawing, where the digit is about 100 pixels tall: a
 # marker (5-6 MNIST pixels, beyond all but MNIST's boldest digits) and a fine pen (a 1-pixel line
 # of a 280x280 canvas drawn at half size).
 THICK_PEN, THIN_PEN = 28, 3
+# MNIST's median stroke width (2.5 pixels of its training digits, `predict.digit_stroke_width`).
+EVEN_PEN = 13
 DRAWN = 5 * DIGIT_SIZE
 
 
@@ -83,9 +93,9 @@ def variant(digit: np.ndarray, name: str, rng: np.random.Generator) -> np.ndarra
         image = paper + lighting - (paper - dark) * ink
         image += rng.normal(0, rng.uniform(5, 15), image.shape)
         return np.clip(np.round(image), 0, 255).astype(np.uint8)
-    if name in ("thick-pen", "thin-pen"):
+    if name in ("thick-pen", "thin-pen", "even-pen"):
         centre_lines = _thinned(_resized(digit, DRAWN) >= 128)
-        pen = THICK_PEN if name == "thick-pen" else THIN_PEN
+        pen = {"thick-pen": THICK_PEN, "thin-pen": THIN_PEN, "even-pen": EVEN_PEN}[name]
         # Every pixel within half the pen's width of a centre line.
         drawn = ndimage.distance_transform_edt(~centre_lines) <= (pen - 1) / 2
         return np.where(drawn, 0, 255).astype(np.uint8)
@@ -123,6 +133,15 @@ def _thinned(mask: np.ndarray) -> np.ndarray:
             return image[1:-1, 1:-1].astype(bool)
 
 
+def _loaded(path: pathlib.Path):
+    """`mnist_like` of the Python file at `path`."""
+    spec = importlib.util.spec_from_file_location(f"_mnist_like_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module.mnist_like
+
+
 def naive(image: np.ndarray) -> np.ndarray:
     """The file's gray pixels resized to 28x28 as they are: what a model sees without the
     MNIST-like step."""
@@ -150,7 +169,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="the variants' random draws")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--json", type=pathlib.Path, help="also write the results here")
+    parser.add_argument(
+        "--mnist-like",
+        type=pathlib.Path,
+        metavar="FILE",
+        help="a predict.py whose mnist_like makes the digits (default: this checkout's)",
+    )
     args = parser.parse_args()
+    mnist_like = predict.mnist_like if args.mnist_like is None else _loaded(args.mnist_like)
 
     split = input_pipeline.load_split("mnist", args.split, data_dir=args.data_dir)
     examples = list(split.examples.take(args.count).as_numpy_iterator())
@@ -168,10 +194,13 @@ def main() -> None:
                 files[name].append(path)
 
     classifier = predict.load_classifier(workdir=args.workdir)
-    print(f"{len(digits)} digits of {split.name}; {classifier.description}")
+    source = "" if args.mnist_like is None else f"; mnist_like of {args.mnist_like}"
+    print(f"{len(digits)} digits of {split.name}; {classifier.description}{source}")
     results = {}
     for name in args.variants:
-        converted = np.stack([predict.load_digit(path) for path in files[name]])
+        converted = np.stack(
+            [mnist_like(predict.read_image(path), name=str(path)) for path in files[name]]
+        )
         predicted = predict.predict_files(files[name], classifier, converted)
         predicted = np.array([r["top"][0]["class"] for r in predicted])
         raw = np.stack([naive(predict.read_image(path)) for path in files[name]])

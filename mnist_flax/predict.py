@@ -3,9 +3,11 @@
 `mnist_like` turns any picture of one digit (PNG or JPEG, any size, dark ink on a light background
 or light on dark, anywhere in the frame) into what MNIST's digits are, by the recipe MNIST was made
 with: grayscale, ink light on black, cropped to the ink, scaled (keeping its aspect ratio) so that
-its longer side is 20 pixels, and placed in a 28x28 frame so that its centre of mass is at the
-frame's centre, pixel (14, 14). A model trained on MNIST has only ever seen digits like that; an
-uncentred or dark-on-light digit is a different input, and gets other answers.
+its longer side is 20 pixels, anti-aliased as MNIST's binary scans were (the fraction of each pixel
+the ink covers) with strokes as wide as MNIST's, and placed in a 28x28 frame so that its centre of
+mass is at the frame's centre, pixel (14, 14). A model trained on MNIST has only ever seen digits
+like that; an uncentred, dark-on-light, blurred or thick-penned digit is a different input, and
+gets other answers.
 
 `load_classifier` restores a run's checkpoint exactly as `mnist-flax evaluate` does
 (`evaluate.choose_checkpoint`, `evaluate.restore_model`), or builds a converted classifier
@@ -37,8 +39,14 @@ CENTRE = DIGIT_SIZE // 2
 # A pixel is ink when it differs from the background by more than this many standard deviations of
 # the background's noise (estimated from the image's border, robustly: 1.4826 x its MAD).
 INK_THRESHOLD_SIGMAS = 4.0
-# How finely stroke widths are measured: pixels a side of the grid per pixel of the digit.
-SUPERSAMPLE = 5
+# How finely a digit is rebuilt and its strokes measured: grid pixels a side per MNIST pixel (fine
+# enough that a pen a fifth of an MNIST pixel wide is 2 grid pixels: a 1-pixel line measures 2).
+SUPERSAMPLE = 10
+# The stroke widths (in MNIST pixels, `digit_stroke_width`) a rebuilt digit is brought within: the
+# 5th and 95th percentiles of the MNIST digits the models here train on (test[:8000]). The range
+# was chosen against 1st-99th, 25th-75th and none on held-out digits 8000-8499 (docs/results.md):
+# narrower gained thin pens a point or two but took 5% of an ordinary digit's ink.
+STROKE_WIDTHS = (1.65, 4.05)
 # How many classes `mnist-flax predict` shows per image.
 TOP_SHOWN = 3
 
@@ -88,9 +96,11 @@ def mnist_like(image: np.ndarray, *, name: str = "the image") -> np.ndarray:
     2. Ink is what stands out of the background by more than `INK_THRESHOLD_SIGMAS` times the
        border's noise (in a noisy image after a 3x3 median filter, which removes isolated specks
        and keeps strokes a few pixels wide); the rest becomes black. No ink: `ImageError`.
-    3. Cropped to the ink's bounding box, scaled so that its longer side is `INK_BOX` pixels
-       (Lanczos, antialiased when shrinking: bilinear's blur cost a scaled digit several points
-       of accuracy, docs/results.md), its brightest pixel made 255.
+    3. Cropped to the ink's bounding box. One whose longer side is not `INK_BOX` pixels already
+       is rebuilt at that size as MNIST made its digits from NIST's binary scans (`_rebuilt`:
+       binarised on a fine grid, strokes brought within MNIST's widths, area-averaged down):
+       its own edge blur, pen and paper are not MNIST's, and scaling them down as they were
+       (Lanczos) took a tenth of the ink of a digit drawn 5x larger. Its brightest pixel made 255.
     4. Placed in the 28x28 frame with its centre of mass at pixel (`CENTRE`, `CENTRE`), as MNIST
        centred its digits (ink pushed past the frame's edge is cut off, as in MNIST).
 
@@ -124,14 +134,63 @@ def mnist_like(image: np.ndarray, *, name: str = "the image") -> np.ndarray:
             "handwritten digit, dark on light or light on dark"
         )
     ink = ink[rows[0] : rows[-1] + 1, columns[0] : columns[-1] + 1]
-    height, width = ink.shape
-    scale = INK_BOX / max(height, width)
-    if scale != 1.0:
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        ink = np.asarray(Image.fromarray(ink).resize(size, Image.Resampling.LANCZOS), np.float32)
-    ink = np.clip(ink, 0.0, None)  # Lanczos undershoots below black beside a stroke
+    if max(ink.shape) != INK_BOX:
+        ink = _rebuilt(ink)
     ink *= 255.0 / ink.max()
     return _centred(ink)
+
+
+def _box_size(shape: tuple[int, int], grid: int = 1) -> tuple[int, int]:
+    """(width, height) of an image of `shape` scaled into the `INK_BOX` box on a grid `grid`
+    times finer, keeping its aspect ratio."""
+    height, width = shape
+    scale = INK_BOX / max(height, width)
+    return grid * max(1, round(width * scale)), grid * max(1, round(height * scale))
+
+
+def _rebuilt(ink: np.ndarray) -> np.ndarray:
+    """A digit's ink [H, W] (light on black) as MNIST made a digit, float [20, <=20]:
+
+    1. Scaled onto a grid `SUPERSAMPLE` times finer than the 20-pixel box (bilinear, averaging
+       when shrinking) and binarised there at half its ink's level (its 90th percentile, not
+       lifted by a stray speck): the pen's own edge, a blur or the light on the paper no longer
+       set how much ink there is, and a small digit's edges are interpolated, not blocky.
+    2. Cropped to that ink and fitted to the box again.
+    3. Strokes thinner or thicker than MNIST's (`STROKE_WIDTHS`, `stroke_width`) drawn out or
+       eaten into evenly, to the range's nearer end: a thin or thick pen's digit gets the ink
+       MNIST's would have.
+    4. Area-averaged down to the box: each pixel the fraction of it the ink covers, the
+       anti-aliasing MNIST's digits were made with.
+    """
+    from PIL import Image
+    from scipy import ndimage
+
+    fine = Image.fromarray(ink).resize(_box_size(ink.shape, SUPERSAMPLE), Image.Resampling.BILINEAR)
+    fine = np.asarray(fine)
+    mask = _fitted(fine > np.percentile(fine[fine > 0], 90) / 2)
+    width = stroke_width(mask) / SUPERSAMPLE
+    wanted = min(max(width, STROKE_WIDTHS[0]), STROKE_WIDTHS[1])
+    if wanted != width:
+        # Every stroke's edge moved out (or in) by half the difference: the pixels whose signed
+        # distance to the edge (positive inside) exceeds it, on a frame with room to grow.
+        mask = np.pad(mask, int(np.ceil(STROKE_WIDTHS[0] * SUPERSAMPLE / 2)) + 1)
+        inside = ndimage.distance_transform_edt(mask) - 0.5
+        signed = np.where(mask, inside, 0.5 - ndimage.distance_transform_edt(~mask))
+        mask = _fitted(signed > (width - wanted) / 2 * SUPERSAMPLE)
+    covered = Image.fromarray(mask.astype(np.uint8) * 255).reduce(SUPERSAMPLE)
+    return np.asarray(covered, np.float32)
+
+
+def _fitted(mask: np.ndarray) -> np.ndarray:
+    """A binary image cropped to its ink and fitted to the box on the fine grid (bilinear,
+    thresholded at half)."""
+    from PIL import Image
+
+    rows, columns = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    mask = mask[rows[0] : rows[-1] + 1, columns[0] : columns[-1] + 1]
+    size = _box_size(mask.shape, SUPERSAMPLE)
+    resized = Image.fromarray(mask.astype(np.float32)).resize(size, Image.Resampling.BILINEAR)
+    return np.asarray(resized) >= 0.5
 
 
 def _border(gray: np.ndarray) -> np.ndarray:
@@ -162,7 +221,8 @@ def stroke_width(mask: np.ndarray) -> float:
     pixel's centre to the stroke's edge (spread evenly over 0..w/2 across a stroke w wide)."""
     from scipy import ndimage
 
-    mask = np.asarray(mask, bool)
+    # Framed in background, so that ink at the image's edge ends there.
+    mask = np.pad(np.asarray(mask, bool), 1)
     if not mask.any():
         return 0.0
     # The Euclidean distance transform measures to the nearest background pixel's centre, half a
