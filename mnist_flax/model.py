@@ -24,8 +24,9 @@ from mnist_flax.mobilenet_v2 import MobileNetV2
 POINTS = ("image", "activations", "features", "logits")
 
 
-def resolve_resize(resize: str, model: str = "pipeline") -> str:
-    """Where the digits are resized: "auto" means "device" on GPU/TPU and "host" on the CPU.
+def resolve_resize(resize: str, model: str = "pipeline", platform: str | None = None) -> str:
+    """Where the digits are resized: "auto" means "device" on GPU/TPU and "host" on the CPU
+    (`platform`'s choice; default: JAX's default backend).
 
     The notebook model resizes nothing outside its step ("none": 28x28 digits in [0, 1]). On an
     accelerator tf.data's resize on a few host cores would starve the device (uint8 digits
@@ -35,7 +36,7 @@ def resolve_resize(resize: str, model: str = "pipeline") -> str:
     if model == "notebook":
         return "none"
     if resize == "auto":
-        return "host" if jax.default_backend() == "cpu" else "device"
+        return "host" if (platform or jax.default_backend()) == "cpu" else "device"
     return resize
 
 
