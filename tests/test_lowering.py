@@ -77,8 +77,9 @@ def compiled_functions(runner: StepRunner, batch, images, examples, indices) -> 
         "eval": (runner._eval, (model, metrics, batch)),
         "train_block": (runner._train_block, (model, optimizer, metrics, examples, indices)),
         "eval_block": (runner._eval_block, (model, metrics, examples, indices)),
-        "features": (runner._features, (model, images)),
-        "cut_activations": (runner._cut_activations, (model, images)),
+        # The forward pass to what each stage caches (`stop`, a static argument).
+        "features": (runner._forward, (model, images, "features")),
+        "cut_activations": (runner._forward, (model, images, "activations")),
         "predict": (runner._predict, (model, images)),
         "reset_metrics": (runner._reset, (metrics,)),
         "read_metrics": (runner._compute, (metrics,)),
@@ -87,7 +88,7 @@ def compiled_functions(runner: StepRunner, batch, images, examples, indices) -> 
 
 def functions_of(case: Case) -> list[str]:
     """What a run of `case` compiles: the notebook model's adapter trains in front of the backbone,
-    so it never caches anything (`feature_cache.Caching.inputs_for`); the pipeline model's frozen
+    so it never caches anything (`feature_cache.stage_inputs`); the pipeline model's frozen
     stage caches pooled features, its fine-tuning stage the cut activations (and the frozen stage
     before it computes features through the cut)."""
     names = ["train", "eval", "predict", "reset_metrics", "read_metrics"]
@@ -134,10 +135,8 @@ def build(case: Case, platform: str, mesh=None) -> tuple[StepRunner, dict]:
     if case.model == "pipeline":
         # The split on cached values, as `feature_cache` keeps it: float32 values of the shape the
         # frozen layers compute, and int32 labels, replicated on the mesh.
-        name, compute = (
-            ("activations", runner.cut_activations) if fine_tune else ("features", runner.features)
-        )
-        shape = jax.eval_shape(compute, images).shape[1:]
+        name = "activations" if fine_tune else "features"
+        shape = jax.eval_shape(lambda x: runner.forward(x, name), images).shape[1:]
         examples = runner.place_examples(
             {
                 name: np.zeros((NUM_EXAMPLES, *shape), np.float32),
