@@ -11,8 +11,8 @@ runner), for "tpu" and "cuda". What it cannot show: XLA's TPU/GPU compilers them
 device's memory, speed and numerics (issue 32's device run).
 
 The cases are pairwise over model x dtype x resize x stage (`CASES`), each lowered for both
-platforms. The CPU path's kernels (`cpu_ops.py`) and its chunking by cache size (which reads the
-CPU's L2 size from sysfs) are CPU-only on purpose; `cpu_only_calls` records every call to them
+platforms. The CPU path's kernels (`cpu_ops.py`) and its chunking by cache size (`cpu_chunks.py`,
+which reads the CPU's L2 size from sysfs) are CPU-only on purpose; `cpu_only_calls` records every call to them
 while the accelerator path traces, and each case asserts there were none.
 """
 
@@ -31,7 +31,7 @@ import pytest
 from flax import nnx
 from helpers import BATCH, IMAGE_SIZE, NOTEBOOK_IMAGE_SIZE, tiny_model
 
-from mnist_flax import cpu_ops, input_pipeline, parallel
+from mnist_flax import cpu_chunks, cpu_ops, input_pipeline, parallel
 from mnist_flax.config import DIGIT_SIZE, FINE_TUNE_STAGE, FROZEN_STAGE
 from mnist_flax.convolutions import resolve_conv_impl
 from mnist_flax.freezing import make_optimizer
@@ -173,7 +173,10 @@ def cpu_only_calls(monkeypatch) -> list[str]:
 
         return wrapper
 
-    originals = {name: getattr(cpu_ops, name) for name in (*CPU_ONLY, "map_in_chunks")}
+    originals = {
+        name: getattr(cpu_ops if hasattr(cpu_ops, name) else cpu_chunks, name)
+        for name in (*CPU_ONLY, "map_in_chunks")
+    }
     wrappers = {
         id(function): recording(name, function, chunked if name == "map_in_chunks" else always)
         for name, function in originals.items()
