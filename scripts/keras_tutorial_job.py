@@ -26,7 +26,8 @@ from mnist_flax.benchmark.subjects import (
     keras_classifier,
     keras_environment,
 )
-from mnist_flax.config import KERAS_BACKENDS, MODELS
+from mnist_flax.benchmark.flags import KERAS_BACKENDS
+from mnist_flax.config import MODELS
 
 
 def images_and_one_hot(args: argparse.Namespace, split: str):
