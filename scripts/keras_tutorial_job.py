@@ -20,13 +20,13 @@ import argparse
 import time
 
 from mnist_flax import input_pipeline
+from mnist_flax.benchmark.flags import KERAS_BACKENDS
 from mnist_flax.benchmark.subjects import (
     NUM_CLASSES,
     import_keras,
     keras_classifier,
     keras_environment,
 )
-from mnist_flax.benchmark.flags import KERAS_BACKENDS
 from mnist_flax.config import MODELS
 
 
