@@ -4,8 +4,11 @@
 2.21 writes its oneDNN notice and absl's "All log messages before absl::InitializeLog()" line to
 stderr even with `TF_CPP_MIN_LOG_LEVEL` set, unless its oneDNN custom operations are off
 (`TF_ENABLE_ONEDNN_OPTS=0`); this project uses TensorFlow for tf.data only (no TensorFlow matmul or
-convolution), so they do nothing for it. Orbax's absl warnings (a read-only checkpoint directory
-when evaluating) are held back too. Environment variables a user set are left as they are.
+convolution), so they do nothing for it. Its errors are held back too (`TF_CPP_MIN_LOG_LEVEL=3`):
+the full build that `tensorflow` installs logs "failed call to cuInit" on a machine without a GPU
+driver the first time it lists its devices, and TensorFlow's errors that matter to tf.data reach
+Python as exceptions. Orbax's absl warnings (a read-only checkpoint directory when evaluating) are
+held back too. Environment variables a user set are left as they are.
 
 `import_tensorflow` imports TensorFlow without the Keras import its `__init__` makes and keeps it
 off the GPUs, which are JAX's (below).
@@ -26,7 +29,7 @@ import pathlib
 import sys
 
 # Anything the user set wins (setdefault).
-QUIET_ENVIRONMENT = {"TF_ENABLE_ONEDNN_OPTS": "0", "TF_CPP_MIN_LOG_LEVEL": "2"}
+QUIET_ENVIRONMENT = {"TF_ENABLE_ONEDNN_OPTS": "0", "TF_CPP_MIN_LOG_LEVEL": "3"}
 
 
 def quiet_libraries() -> None:
