@@ -182,9 +182,20 @@ def dry_run(python: pathlib.Path, printed: str, workdir: pathlib.Path) -> dict[s
 
 
 def rebuild(args: argparse.Namespace) -> dict:
+    """The runtime's starting point (built once), a copy of it, the install cell run in that."""
     base = args.base or ROOT / f".venv-colab-{args.runtime}-base"
     build_base(args.runtime, base, args.python)
-    work = pathlib.Path(tempfile.mkdtemp(prefix=f"colab-{args.runtime}-"))
+    # Beside the base (hard links need one file system); .venv* is git-ignored.
+    work = pathlib.Path(tempfile.mkdtemp(prefix=f"{base.name}-run-", dir=base.parent))
+    try:
+        return install_and_report(args, base, work)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def install_and_report(args: argparse.Namespace, base: pathlib.Path, work: pathlib.Path) -> dict:
+    """The install cell run in a copy of `base` made in `work`; what it changed (`main`'s report)."""
     venv = work / "venv"
     # Hard links: pip replaces files, never writes into them, so the base stays as it was.
     run(["cp", "-al", base, venv])
@@ -231,8 +242,6 @@ def rebuild(args: argparse.Namespace) -> dict:
             [python, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", SMOKE_TEST], cwd=ROOT
         )
         report["smoke"] = "passed" if smoke.returncode == 0 else f"failed ({smoke.returncode})"
-    if not args.keep:
-        shutil.rmtree(work, ignore_errors=True)
     return report
 
 
