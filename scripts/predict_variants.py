@@ -28,7 +28,7 @@ Accuracy, not timing. Train the run on digits the variants do not use, e.g. (doc
     mnist-flax train --weights ../shared/weights/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5 \\
       --data-dir ../shared/data/mnist --train-split "test[:8000]" --test-split "test[8000:]" \\
       --image-size 96 --epochs 3 --workdir /tmp/run96
-    python benchmarks/predict_variants.py --workdir /tmp/run96 --data-dir ../shared/data/mnist \\
+    python scripts/predict_variants.py --workdir /tmp/run96 --data-dir ../shared/data/mnist \\
       --split "test[9000:]" --count 1000 --out /tmp/variants
 """
 
