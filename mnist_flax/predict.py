@@ -44,10 +44,11 @@ INK_THRESHOLD_SIGMAS = 4.0
 # enough that a pen a fifth of an MNIST pixel wide is 2 grid pixels: a 1-pixel line measures 2).
 SUPERSAMPLE = 10
 # The stroke widths (in MNIST pixels, `digit_stroke_width`) a rebuilt digit is brought within: the
-# 5th and 95th percentiles of the MNIST digits the models here train on (test[:8000]). The range
-# was chosen against 1st-99th, 25th-75th and none on held-out digits 8000-8499 (docs/results.md):
-# narrower gained thin pens a point or two but took 5% of an ordinary digit's ink.
-STROKE_WIDTHS = (1.65, 4.05)
+# 25th and 95th percentiles of the MNIST digits the models here train on (test[:8000]). Chosen on
+# held-out digits 8000-8999 (docs/results.md): from the 5th, thin pens gained 0.4 and 1.0 points
+# (96 and 224 px models); down to the 75th, thick pens gained 1.0 and 0.0, but bold digits drawn
+# larger came back thinner than they are (2-5% less ink).
+STROKE_WIDTHS = (2.12, 4.05)
 # How many classes `mnist-flax predict` shows per image.
 TOP_SHOWN = 3
 
@@ -158,8 +159,10 @@ def _rebuilt(ink: np.ndarray) -> np.ndarray:
        set how much ink there is, and a small digit's edges are interpolated, not blocky.
     2. Cropped to that ink and fitted to the box again.
     3. Strokes thinner or thicker than MNIST's (`STROKE_WIDTHS`, `stroke_width`) drawn out or
-       eaten into evenly, to the range's nearer end: a thin or thick pen's digit gets the ink
-       MNIST's would have.
+       eaten into evenly, to the range's nearer end, and fitted to the box again: a thin or thick
+       pen's digit gets about the ink MNIST's would have. Once, not until the width is exact: a
+       thick pen's digit, its box shrunk by the eating, comes back a little bolder than the range,
+       and eating on until it did not cost thick pens 3-4 points (docs/results.md).
     4. Area-averaged down to the box: each pixel the fraction of it the ink covers, the
        anti-aliasing MNIST's digits were made with.
     """
