@@ -20,6 +20,10 @@ stroke width (`predict.digit_stroke_width`, in MNIST pixels) beside the original
 - even-pen: the same centre lines redrawn with a pen `EVEN_PEN` wide, MNIST's median stroke:
   the control for the two pens, since redrawing a digit with any even pen changes it.
 
+For the thick pen it also counts the digits whose pen closed a loop (fewer enclosed background
+regions than the even pen's drawing of the same centre lines: information gone before any
+conversion), and the fraction right on the others, the even pen's beside it.
+
 `--mnist-like FILE` takes `mnist_like` from another predict.py (an older commit's, say) to
 compare conversions on the same files with the same measures.
 
@@ -100,6 +104,12 @@ def variant(digit: np.ndarray, name: str, rng: np.random.Generator) -> np.ndarra
         drawn = ndimage.distance_transform_edt(~centre_lines) <= (pen - 1) / 2
         return np.where(drawn, 0, 255).astype(np.uint8)
     raise ValueError(f"unknown variant {name!r}")
+
+
+def loops(image: np.ndarray) -> int:
+    """How many loops (background regions enclosed by ink) a dark-on-white drawing has."""
+    _, regions = ndimage.label(np.pad(image >= 128, 1))
+    return regions - 1
 
 
 def _resized(image: np.ndarray, side: int) -> np.ndarray:
@@ -184,9 +194,12 @@ def main() -> None:
     labels = np.array([int(example["label"]) for example in examples])
     rng = np.random.default_rng(args.seed)
     files = {name: [] for name in VARIANTS}
+    pen_loops = {name: [] for name in ("thick-pen", "even-pen")}
     for index, digit in enumerate(digits):
         for name in VARIANTS:  # all drawn, so each variant's draws do not depend on --variants
             image = variant(digit, name, rng)
+            if name in pen_loops:
+                pen_loops[name].append(loops(image))
             if name in args.variants:
                 path = args.out / name / f"{index:04d}_{labels[index]}.png"
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -196,7 +209,7 @@ def main() -> None:
     classifier = predict.load_classifier(workdir=args.workdir)
     source = "" if args.mnist_like is None else f"; mnist_like of {args.mnist_like}"
     print(f"{len(digits)} digits of {split.name}; {classifier.description}{source}")
-    results = {}
+    results, right = {}, {}
     for name in args.variants:
         converted = np.stack(
             [mnist_like(predict.read_image(path), name=str(path)) for path in files[name]]
@@ -211,6 +224,13 @@ def main() -> None:
             "count": len(labels),
             **profile(converted, digits),
         }
+        right[name] = predicted == labels
+    if "thick-pen" in results:
+        closed = np.less(pen_loops["thick-pen"], pen_loops["even-pen"])
+        results["thick-pen"]["loops_closed"] = int(closed.sum())
+        results["thick-pen"]["right_where_no_loop_closed"] = int(right["thick-pen"][~closed].sum())
+        if "even-pen" in right:
+            results["thick-pen"]["even_pen_right_there"] = int(right["even-pen"][~closed].sum())
     print(
         "| variant | right | fraction right | without the MNIST-like step "
         "| ink mass / original's | mean gray difference | stroke width (original's) |"
@@ -223,6 +243,15 @@ def main() -> None:
             f"{result['right_without_mnist_like'] / count:.1%} | {result['ink_ratio']:.3f} | "
             f"{result['mean_gray_difference']:.2f} | {result['stroke_width']:.2f} "
             f"({result['original_stroke_width']:.2f}) |"
+        )
+    if "thick-pen" in results:
+        result = results["thick-pen"]
+        kept = result["count"] - result["loops_closed"]
+        even = result.get("even_pen_right_there")
+        print(
+            f"thick-pen: the pen closed a loop in {result['loops_closed']} digits; right on "
+            f"{result['right_where_no_loop_closed'] / kept:.1%} of the other {kept}"
+            + ("" if even is None else f" (the even pen on them: {even / kept:.1%})")
         )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
