@@ -156,9 +156,10 @@ def test_real_digits_drawn_larger_keep_their_ink_and_strokes(mnist_idx_dir):
     # Bolder ones are thinned towards the range, thinner ones drawn out.
     assert widths[originals > high].mean() < originals[originals > high].mean()
     assert widths[originals < low].mean() > originals[originals < low].mean()
-    # Before, 8.1 gray levels a pixel. Not 0: the rebuilt digit's pixel grid falls where it may
-    # (the same digits shifted by a quarter pixel each way, bilinear, are 6.6 off).
-    assert np.abs(again.astype(int) - digits).mean() < 8
+    # 7.35 gray levels a pixel; scaled down as they were (Lanczos), 7.69. Not 0: the rebuilt
+    # digit's pixel grid falls where it may (digits shifted by a quarter pixel, bilinear, are 6.7
+    # off), and the thinnest digits are drawn out.
+    assert np.abs(again.astype(int) - digits).mean() < 7.5
 
 
 def variants_script():
