@@ -24,6 +24,13 @@ NOTEBOOK_IMAGE_SIZE = 2 * DIGIT_SIZE  # the tiny notebook model's backbone input
 BATCH = 8
 
 
+def command_environment() -> dict[str, str]:
+    """This process's environment less the TensorFlow log level that `import jax` set here, for
+    the commands a test starts: they then quiet TensorFlow as they do for a user
+    (`runtime.quiet_libraries`; TensorFlow 2.20 logs "failed call to cuInit" without a GPU)."""
+    return {name: value for name, value in os.environ.items() if name != "TF_CPP_MIN_LOG_LEVEL"}
+
+
 def block_digits(num_examples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Digit k is a bright block at position k of a 3x4 grid on a noisy background."""
     rng = np.random.default_rng(seed)

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import tensorflow_datasets as tfds
-from helpers import block_digits, write_tfds_metadata
+from helpers import block_digits, command_environment, write_tfds_metadata
 
 from mnist_flax import cli, config, input_pipeline
 
@@ -206,7 +206,10 @@ def test_ctrl_c_stops_after_a_saved_epoch_and_the_next_run_resumes_quietly(tmp_p
         # Epochs on images, long enough for the signal to arrive in the middle of the run.
         "--cache-features", "never",
     ]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    environment = command_environment()
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment
+    )
     history = tmp_path / "run" / "history.json"
     deadline = time.monotonic() + 240
     while not history.exists() and time.monotonic() < deadline and process.poll() is None:
@@ -221,7 +224,7 @@ def test_ctrl_c_stops_after_a_saved_epoch_and_the_next_run_resumes_quietly(tmp_p
     assert saved < 3
     assert f"interrupted during epoch {saved + 1}" in out and "run the same command again" in out
 
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     lines = result.stdout.splitlines()
@@ -229,6 +232,6 @@ def test_ctrl_c_stops_after_a_saved_epoch_and_the_next_run_resumes_quietly(tmp_p
     assert all(line.startswith("epoch ") for line in lines[1:]) and "epoch 3/3" in lines[-1]
 
     evaluate = [sys.executable, "-m", "mnist_flax", "evaluate", "--workdir", str(tmp_path / "run")]
-    result = subprocess.run(evaluate, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(evaluate, capture_output=True, text=True, timeout=300, env=environment)
     assert result.returncode == 0, result.stderr
     assert result.stderr == "" and result.stdout.startswith("test accuracy")
