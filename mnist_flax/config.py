@@ -58,6 +58,9 @@ DEFAULT_MEASUREMENTS = ("pipeline", "step", "forward", "end-to-end")
 # The measurements Keras has a counterpart of (`train_on_batch`, `predict_on_batch`), and the Keras 3
 # backends `--keras-baseline` runs them on, the first being what a bare `--keras-baseline` means.
 KERAS_MEASUREMENTS = ("step", "forward")
+# Seconds a process of a multi-process run waits for the others to join, and at a meeting, before
+# it stops with a line naming those that did not arrive (--distributed-timeout, `rendezvous.py`).
+DISTRIBUTED_TIMEOUT_S = 300.0
 KERAS_BACKENDS = ("tensorflow", "jax")
 
 
