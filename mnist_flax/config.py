@@ -15,6 +15,8 @@ import os
 import pathlib
 from typing import Any
 
+from mnist_flax.keras_names import NUM_BLOCKS, backbone_layer_names, block_prefix
+
 # MobileNetV2's smallest input side (five stride-2 stages leave 1x1 at 32 px).
 MIN_IMAGE_SIZE = 32
 DTYPES = ("float32", "bfloat16")
@@ -38,8 +40,6 @@ _BYTES_PER_PIXEL = 4 * (3 + 24)
 MODELS = ("pipeline", "notebook")
 # MNIST's side; the notebook model upsamples it by a whole factor (8 for its 224 px).
 DIGIT_SIZE = 28
-# MobileNetV2's inverted residual blocks: block_id 0..16 (Keras names block 0 "expanded_conv").
-NUM_BLOCKS = 17
 # A run's two stages: --epochs with the whole backbone frozen, then --fine-tune-epochs in which the
 # layers from --fine-tune-from on train too. history.json records each epoch's stage by these names.
 FROZEN_STAGE = "frozen"
@@ -52,16 +52,9 @@ EVALUATE_CHECKPOINTS = ("auto", "best", "latest")
 # jax.export's serialized StableHLO; and the quantization LiteRT can apply.
 EXPORT_FORMATS = ("keras", "litert", "onnx", "stablehlo")
 EXPORT_QUANTIZATIONS = ("int8",)
-# What `mnist-flax benchmark` can measure (`benchmark.py`), and what it measures unless told.
-MEASUREMENTS = ("pipeline", "step", "forward", "end-to-end", "cache")
-DEFAULT_MEASUREMENTS = ("pipeline", "step", "forward", "end-to-end")
-# The measurements Keras has a counterpart of (`train_on_batch`, `predict_on_batch`), and the Keras 3
-# backends `--keras-baseline` runs them on, the first being what a bare `--keras-baseline` means.
-KERAS_MEASUREMENTS = ("step", "forward")
 # Seconds a process of a multi-process run waits for the others to join, and at a meeting, before
 # it stops with a line naming those that did not arrive (--distributed-timeout, `rendezvous.py`).
 DISTRIBUTED_TIMEOUT_S = 300.0
-KERAS_BACKENDS = ("tensorflow", "jax")
 
 
 class ConfigError(ValueError):
@@ -72,31 +65,12 @@ class ModelConfigError(ValueError):
     """An invalid MobileNetV2 option (alpha, pooling, conv_impl, input size...)."""
 
 
-def block_keras_prefix(block_id: int) -> str:
-    """Keras' layer-name prefix of block `block_id`: block 0 is "expanded_conv_", the rest "block_<i>_"."""
-    return "expanded_conv_" if block_id == 0 else f"block_{block_id}_"
-
-
-def backbone_layer_names() -> tuple[str, ...]:
-    """MobileNetV2's weighted Keras layers (no top) in network order: what --fine-tune-from names."""
-    names = ["Conv1", "bn_Conv1"]
-    for block_id in range(NUM_BLOCKS):
-        # Block 0 has no expand layer (its expansion factor is 1).
-        members = ("depthwise", "project") if block_id == 0 else ("expand", "depthwise", "project")
-        for member in members:
-            names += [
-                block_keras_prefix(block_id) + member,
-                block_keras_prefix(block_id) + member + "_BN",
-            ]
-    return (*names, "Conv_1", "Conv_1_bn")
-
-
 def fine_tune_layer(value: str) -> str:
     """--fine-tune-from as the Keras layer it names: a layer name, or a block number (its first layer)."""
     names = backbone_layer_names()
     if value.isdigit() and int(value) < NUM_BLOCKS:
         block_id = int(value)
-        return block_keras_prefix(block_id) + ("depthwise" if block_id == 0 else "expand")
+        return block_prefix(block_id) + ("depthwise" if block_id == 0 else "expand")
     if value in names:
         return value
     raise ConfigError(

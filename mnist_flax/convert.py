@@ -98,7 +98,6 @@ def mobilenet_v2_from_keras(
     input_shape: tuple[int, int, int] | None = None,
     conv_impl: str = "auto",
     dtype: jnp.dtype | None = None,
-    batch_chunk: int | None = None,
 ) -> MobileNetV2:
     """A `MobileNetV2` holding the weights of `source`; it computes what Keras computes with `training=False`.
 
@@ -110,14 +109,13 @@ def mobilenet_v2_from_keras(
         (1.0, False, 1000).
     input_shape: (rows, cols, 3); only picks which "imagenet" file to use, as Keras does (rows in 96..224
         and square, else the 224 file). The model itself accepts any size >= 32.
-    classifier_activation, pooling, conv_impl, dtype, batch_chunk: see `MobileNetV2`.
+    classifier_activation, pooling, conv_impl, dtype: see `MobileNetV2`.
     """
     options = dict(
         classifier_activation=classifier_activation,
         pooling=pooling,
         conv_impl=conv_impl,
         dtype=dtype,
-        batch_chunk=batch_chunk,
     )
     if isinstance(source, (str, os.PathLike)) and pathlib.Path(source).is_dir():
         return load_converted(
@@ -461,7 +459,7 @@ def load_converted(
     """The `MobileNetV2` that `save_converted` wrote to `directory`.
 
     alpha/include_top/classes, when given, must equal the saved ones; `options` (pooling,
-    classifier_activation, conv_impl, dtype, batch_chunk) are free, they do not change the
+    classifier_activation, conv_impl, dtype) are free, they do not change the
     variables.
     """
 

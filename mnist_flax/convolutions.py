@@ -24,14 +24,17 @@ Padding = cpu_ops.Padding
 SAME_3X3: Padding = ((1, 1), (1, 1))  # Keras' padding="same" for a 3x3 stride-1 convolution
 
 
-def resolve_conv_impl(impl: str) -> str:
-    """The implementation to trace: "auto" means "cpu" on the CPU backend and "xla" elsewhere."""
+def resolve_conv_impl(impl: str, platform: str | None = None) -> str:
+    """The implementation to trace: "auto" means "cpu" on the CPU backend and "xla" elsewhere.
+
+    platform: the backend to decide for ("cpu", "cuda", "tpu"...; default: JAX's default backend).
+    """
     if impl not in CONV_IMPLS:
         raise ModelConfigError(
             f"conv_impl={impl!r} is not one of {', '.join(CONV_IMPLS)}; pick one of those"
         )
     if impl == "auto":
-        return "cpu" if jax.default_backend() == "cpu" else "xla"
+        return "cpu" if (platform or jax.default_backend()) == "cpu" else "xla"
     return impl
 
 

@@ -12,48 +12,18 @@ to float32 rounding; `tests/test_mobilenet_v2.py` checks outputs and gradients a
 - Both carry a hand-written gradient (`_taps_conv_bwd`): what JAX derives from the forward's strided
   slices is one zero-padded, full-size copy of the cotangent per tap, slow on XLA:CPU.
 - `relu6`: ReLU6 with TensorFlow's gradient, kept as one boolean mask.
-- `map_in_chunks`: the batch through a function a few images at a time, so that each image's
-  activations stay in cache from one layer to the next (`images_per_chunk` says how many).
+
+How many images run through these at once is the chunk plan's (`cpu_chunks.py`).
 """
 
 from __future__ import annotations
 
 import functools
-import pathlib
 
 import jax
 import jax.numpy as jnp
 
 Padding = tuple[tuple[int, int], tuple[int, int]]
-# A chunk's widest activation should fit about CHUNK_BYTES, with at most `max_chunk()` images: up to
-# 8 on a CPU whose cores have 1 MiB of L2 cache or more, 2 below. Larger chunks were faster than 2
-# on a CPU with 2 MiB of L2 a core and slower on one with 512 KiB (docs/cpu_path.md#chunks-per-unit).
-# Larger inputs get 1 where 2 do not fit.
-CHUNK_BYTES = 10 * 2**20
-LARGE_L2_BYTES = 2**20
-MAX_CHUNK_LARGE_L2, MAX_CHUNK_SMALL_L2 = 8, 2
-_SIZE_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30}
-
-
-def l2_cache_bytes(
-    cache_dir: pathlib.Path = pathlib.Path("/sys/devices/system/cpu/cpu0/cache"),
-) -> int:
-    """One core's L2 cache in bytes, as Linux reports it (sysfs); 0 where it does not say."""
-    for index in sorted(cache_dir.glob("index*")):
-        try:
-            if (index / "level").read_text().strip() != "2":
-                continue
-            size = (index / "size").read_text().strip()  # e.g. "2048K"
-            return int(size[:-1]) * _SIZE_UNITS[size[-1]] if size[-1] in _SIZE_UNITS else int(size)
-        except (OSError, ValueError):
-            continue
-    return 0
-
-
-@functools.cache
-def max_chunk() -> int:
-    """The most images a chunk holds on this machine's CPU (see CHUNK_BYTES)."""
-    return MAX_CHUNK_LARGE_L2 if l2_cache_bytes() >= LARGE_L2_BYTES else MAX_CHUNK_SMALL_L2
 
 
 @jax.custom_jvp
@@ -69,32 +39,6 @@ def _relu6_jvp(primals, tangents):
     # ties); this keeps one boolean mask.
     (x,), (t,) = primals, tangents
     return relu6(x), jnp.where((x > 0) & (x < 6), t, jnp.zeros_like(t))
-
-
-def map_in_chunks(fn, x: jax.Array, chunk: int) -> jax.Array:
-    """`fn(x)` computed `chunk` images at a time with `lax.map` (0 = all at once).
-
-    `fn` must treat every image independently (MobileNetV2 does: BatchNorm uses running
-    statistics), so the result is the same. On the CPU the forward pass is bound by memory
-    traffic: a whole batch's expanded activation does not fit in cache, a few images' does.
-    """
-    batch = x.shape[0]
-    if chunk <= 0 or batch <= chunk:
-        return fn(x)
-    whole = batch - batch % chunk
-    y = jax.lax.map(fn, x[:whole].reshape(whole // chunk, chunk, *x.shape[1:]))
-    y = y.reshape(whole, *y.shape[2:])
-    if whole < batch:
-        y = jnp.concatenate([y, fn(x[whole:])])
-    return y
-
-
-def images_per_chunk(bytes_per_image: int) -> int:
-    """The most images (a power of two, at most `max_chunk()`) whose activation fits `CHUNK_BYTES`."""
-    chunk, most = 1, max_chunk()
-    while chunk * 2 <= most and chunk * 2 * bytes_per_image <= CHUNK_BYTES:
-        chunk *= 2
-    return chunk
 
 
 def _taps(kh: int, kw: int) -> list[tuple[int, int]]:

@@ -20,9 +20,10 @@ import numpy as np
 from flax import nnx
 
 from mnist_flax import checkpoints, convert, input_pipeline, plotting, runtime
+from mnist_flax.build import create_model
 from mnist_flax.config import EVALUATE_CHECKPOINTS, ConfigError, TrainConfig
 from mnist_flax.freezing import trainable_filter
-from mnist_flax.model import TransferClassifier, create_model, resolve_resize
+from mnist_flax.model import TransferClassifier, resolve_resize
 from mnist_flax.steps import StepRunner, make_metrics
 
 

@@ -45,7 +45,8 @@ from flax import nnx
 
 from mnist_flax import evaluate, input_pipeline, keras_classifier, runtime
 from mnist_flax.config import DIGIT_SIZE, EXPORT_FORMATS, EXPORT_QUANTIZATIONS, TrainConfig
-from mnist_flax.model import TransferClassifier, with_computation
+from mnist_flax.mobilenet_v2 import Conv2D, DepthwiseConv2D, MobileNetV2
+from mnist_flax.model import NotebookAdapter, TransferClassifier
 
 # The largest difference of probabilities a float32 format may show against the JAX model.
 FLOAT32_ATOL = 1e-4
@@ -434,6 +435,25 @@ RUNNERS = {
 # The check.
 
 
+def with_computation(
+    model: TransferClassifier, *, conv_impl: str, batch_chunk: int
+) -> TransferClassifier:
+    """A copy of `model` sharing its arrays that computes in float32, its convolutions by
+    `conv_impl` (`convolutions.py`), `batch_chunk` images at a time (0: the whole batch).
+
+    What the exports trace: the same parameters whatever `--dtype`, `--conv-impl`
+    and chunking the run used, so that every format computes the same float32 function.
+    """
+    copy = nnx.clone(model)
+    for _, module in nnx.iter_modules(copy):
+        if isinstance(module, (MobileNetV2, Conv2D, DepthwiseConv2D, NotebookAdapter)):
+            module.conv_impl = conv_impl
+        if isinstance(module, (MobileNetV2, Conv2D, DepthwiseConv2D)):
+            module.dtype = None  # the input's: float32
+    copy.batch_chunk = batch_chunk
+    return copy
+
+
 def _batches(split: input_pipeline.Split, config: TrainConfig, shuffle_seed: int | None):
     """The split as the exported model takes it: float32 images (pipeline) or [0, 1] digits."""
     batches = input_pipeline.make_batches(
@@ -467,7 +487,7 @@ def _check(run: Runner, loaded: evaluate.Loaded, quantize: str | None, examples:
         with_computation(
             loaded.model,
             conv_impl=config.conv_impl,
-            batch_chunk=loaded.model.backbone.batch_chunk,
+            batch_chunk=loaded.model.batch_chunk,
         )
     )
     probabilities = jax.jit(

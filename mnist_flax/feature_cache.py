@@ -1,7 +1,7 @@
 """Feature caching: when a stage's epochs can run on what its frozen layers compute, computing that
 once, and keeping it so that a later run finds it.
 
-`Caching.inputs_for` decides, per stage, whether caching is exact and within budget, and gives the
+`stage_inputs` decides, per stage, whether caching is exact and within budget, and gives the
 epoch loop its splits on cached values (the backbone's pooled features; while fine-tuning, the
 activation entering the fine-tuned layers) or on images. Those values are a function of the frozen
 layers' parameters, of the code and libraries that run them, of the settings that shape the
@@ -20,7 +20,6 @@ it is always safe; a file that cannot be read or does not match is computed agai
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import importlib.metadata
@@ -32,18 +31,17 @@ import tempfile
 import time
 import warnings
 import zipfile
-from collections.abc import Callable
 
 import jax
 import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from mnist_flax import input_pipeline, parallel, runtime
+from mnist_flax import cpu_chunks, housekeeping, input_pipeline, parallel, runtime
 from mnist_flax.config import FROZEN_STAGE, TrainConfig
-from mnist_flax.mobilenet_v2 import NUM_UNITS
+from mnist_flax.keras_names import NUM_UNITS, unit_of_layer
 from mnist_flax.model import resolve_resize
-from mnist_flax.steps import StepRunner, prefetch_to_device
+from mnist_flax.steps import StepRunner, epoch_batches, prefetch_to_device
 
 # The directory's files beyond this (least recently used first) are deleted after each write:
 # 1280 float32 features per digit make 51 MB for MNIST's 10,000 test digits, 307 MB for its
@@ -193,173 +191,156 @@ class FeatureCache:
                 total -= files[path][1]
 
 
-@dataclasses.dataclass
-class Caching:
-    """What each stage's epochs run on: images, or the values its frozen layers compute, cached.
+def stage_inputs(
+    stage: str,
+    runner: StepRunner,
+    splits: dict[str, input_pipeline.Split],
+    *,
+    config: TrainConfig,
+    cache: FeatureCache,
+    stop: housekeeping.StopRequest,
+) -> tuple[str, dict[str, input_pipeline.Split]]:
+    """What the stage's epochs run on ("images", or cached values), and the splits holding it.
 
-    `batches(split, shuffle_seed)` is the epoch loop's own batching (the values are computed from
-    the very batches an epoch on images would see); `say` prints a line; `check_stop` raises
-    KeyboardInterrupt after a Ctrl-C (it is called between batches).
+    Caching is exact where every layer before the cached point is frozen and deterministic
+    (BatchNorm uses running statistics) and no augmentation changes an image from one epoch to
+    the next, so every epoch would compute the same values. The frozen stage caches the
+    backbone's pooled features (the epochs train the head alone); the fine-tuning stage caches
+    the activation entering the fine-tuned layers (the epochs run only those layers and the
+    head). The notebook model's adapter trains in front of the backbone, so nothing after it can
+    be cached. `--cache-features auto` caches when the values fit `--cache-budget-mb`; "always"
+    whenever it is exact. Computing them checks `stop` between batches.
     """
+    model, mode = runner.model, config.cache_features
+    point = "features" if stage == FROZEN_STAGE else "activations"
+    what = "backbone features" if stage == FROZEN_STAGE else "fine-tuned layers' input"
+    if mode == "never":
+        return "images", splits
+    if model.adapter is not None:
+        housekeeping.say(
+            f"not caching the {what}: the notebook model's adapter trains in front of the "
+            "backbone, so they change with every step; the epochs run on images"
+        )
+        return "images", splits
+    if stage != FROZEN_STAGE and model.cut == 0:
+        housekeeping.say(
+            f"not caching the {what}: fine-tuning from {model.fine_tune_from} trains the "
+            "whole backbone, so no frozen layer comes before it; the epochs run on images"
+        )
+        return "images", splits
+    shape = _shape(point, runner, splits["train"], config)
+    examples = sum(split.max_process_examples for split in splits.values())
+    megabytes = examples * math.prod(shape) * 4 / 2**20  # float32
+    size = f"{examples} x {' x '.join(map(str, shape))} float32, {megabytes:,.0f} MB"
+    if mode == "auto" and megabytes > config.cache_budget_mb:
+        housekeeping.say(
+            f"not caching the {what}: {size} is over --cache-budget-mb "
+            f"{config.cache_budget_mb}; the epochs run on images"
+        )
+        return "images", splits
+    start = time.perf_counter()
+    keys = _keys(point, runner, splits, config, cache)
+    found = {}
+    for role, split in splits.items():
+        arrays = cache.load(keys[role], split)
+        if arrays is None:
+            computed = _compute(point, runner, split, config, stop)
+            cache.store(keys[role], computed)
+            arrays = (computed, None)
+        found[role] = (input_pipeline.with_examples(split, arrays[0]), arrays[1])
+    splits = {role: split for role, (split, _) in found.items()}
+    names = ", ".join(split.name for split in splits.values())
+    computed = [splits[role].name for role, (_, where) in found.items() if where is None]
+    if computed:
+        seconds = f"{time.perf_counter() - start:.1f} s"
+        if len(computed) < len(splits):
+            seconds += f" for {', '.join(computed)}, the rest cached by an earlier run"
+        kept = f", kept in {cache.directory}" if cache.directory is not None else ""
+        housekeeping.say(f"cached the {what} of {names}: {size} ({seconds}){kept}")
+    else:
+        wheres = {where for _, where in found.values()}
+        origin = "" if wheres == {"memory"} else f" ({cache.directory})"
+        housekeeping.say(f"reusing the {what} of {names} cached by an earlier run{origin}: {size}")
+    return f"cached {point}", splits
 
-    config: TrainConfig
-    cache: FeatureCache
-    batches: Callable[[input_pipeline.Split, int | None], object]
-    say: Callable[[str], None]
-    show_progress: bool
-    check_stop: Callable[[], None]
 
-    def inputs_for(
-        self, stage: str, runner: StepRunner, splits: dict[str, input_pipeline.Split]
-    ) -> tuple[str, dict[str, input_pipeline.Split]]:
-        """What the stage's epochs run on ("images", or cached inputs), and the splits holding it.
+def _shape(
+    point: str, runner: StepRunner, split: input_pipeline.Split, config: TrainConfig
+) -> tuple[int, ...]:
+    """The shape of one example's cached values (from the jitted function's shape)."""
+    spec = epoch_batches(split, config, None).element_spec["image"]
+    # A whole global batch: the jitted function splits its rows over the mesh.
+    shape = (config.batch_size, *spec.shape[1:])
+    image = jax.ShapeDtypeStruct(shape, spec.dtype.as_numpy_dtype)
+    return tuple(jax.eval_shape(lambda x: runner.forward(x, point), image).shape[1:])
 
-        Caching is exact where every layer before the cached point is frozen and deterministic
-        (BatchNorm uses running statistics) and no augmentation changes an image from one epoch to
-        the next, so every epoch would compute the same values. The frozen stage caches the
-        backbone's pooled features (the epochs train the head alone); the fine-tuning stage
-        caches the activation entering the fine-tuned layers (the epochs run only those layers
-        and the head). The notebook model's adapter trains in front of the backbone, so nothing
-        after it can be cached. `--cache-features auto` caches when the cache fits
-        `--cache-budget-mb`; "always" whenever it is exact.
-        """
-        model, mode = runner.model, self.config.cache_features
-        what = "backbone features" if stage == FROZEN_STAGE else "fine-tuned layers' input"
-        if mode == "never":
-            return "images", splits
-        if model.adapter is not None:
-            self.say(
-                f"not caching the {what}: the notebook model's adapter trains in front of the "
-                "backbone, so they change with every step; the epochs run on images"
-            )
-            return "images", splits
-        if stage != FROZEN_STAGE and model.cut == 0:
-            self.say(
-                f"not caching the {what}: fine-tuning from {model.fine_tune_from} trains the "
-                "whole backbone, so no frozen layer comes before it; the epochs run on images"
-            )
-            return "images", splits
-        shape = self._shape(stage, runner, splits["train"])
-        examples = sum(split.max_process_examples for split in splits.values())
-        megabytes = examples * math.prod(shape) * 4 / 2**20  # float32
-        size = f"{examples} x {' x '.join(map(str, shape))} float32, {megabytes:,.0f} MB"
-        if mode == "auto" and megabytes > self.config.cache_budget_mb:
-            self.say(
-                f"not caching the {what}: {size} is over --cache-budget-mb "
-                f"{self.config.cache_budget_mb}; the epochs run on images"
-            )
-            return "images", splits
-        start = time.perf_counter()
-        keys = self._keys(stage, runner, splits)
-        found = {
-            role: self._cached(stage, runner, split, keys[role]) for role, split in splits.items()
-        }
-        splits = {role: split for role, (split, _) in found.items()}
-        names = ", ".join(split.name for split in splits.values())
-        computed = [splits[role].name for role, (_, where) in found.items() if where is None]
-        directory = self.cache.directory
-        if computed:
-            seconds = f"{time.perf_counter() - start:.1f} s"
-            if len(computed) < len(splits):
-                seconds += f" for {', '.join(computed)}, the rest cached by an earlier run"
-            kept = f", kept in {directory}" if directory is not None else ""
-            self.say(f"cached the {what} of {names}: {size} ({seconds}){kept}")
-        else:
-            origin = (
-                "" if {where for _, where in found.values()} == {"memory"} else f" ({directory})"
-            )
-            self.say(f"reusing the {what} of {names} cached by an earlier run{origin}: {size}")
-        return ("cached features" if stage == FROZEN_STAGE else "cached activations"), splits
 
-    @staticmethod
-    def _compute_fn(stage: str, runner: StepRunner):
-        """The name of the stage's cached values and the jitted function computing them."""
-        if stage == FROZEN_STAGE:
-            return "features", runner.features
-        return "activations", runner.cut_activations
+def _keys(
+    point: str,
+    runner: StepRunner,
+    splits: dict[str, input_pipeline.Split],
+    config: TrainConfig,
+    cache: FeatureCache,
+) -> dict[str, str]:
+    """Each split's `FeatureCache.key`: the frozen layers (every backbone layer before the
+    cached point), how they run, and the split's examples."""
+    model = runner.model
+    backbone = model.backbone
+    stop = NUM_UNITS if point == "features" else model.cut
+    frozen = [
+        module
+        for name, module in backbone.keras_layers().items()
+        if name != "predictions" and unit_of_layer(name) < stop
+    ]
+    parameters = FeatureCache.parameters_digest(frozen)
+    settings = {
+        "values": point,
+        # With a fine-tuning stage, the features are computed in two parts (`TransferClassifier`).
+        "cut": model.cut if model.fine_tune_from is not None else None,
+        "image_size": config.image_size,
+        "dtype": config.dtype,
+        "conv_impl": config.conv_impl,
+        # Images per chunk depend on the CPU's caches (`cpu_chunks.max_chunk`).
+        "unit_chunks": cpu_chunks.unit_chunks(model, config.image_size, config.image_size),
+        "resize": resolve_resize(config.resize, config.model),
+        "batch_size": parallel.local_batch_size(config.batch_size),
+        "devices": jax.device_count(),
+        "process": [jax.process_index(), jax.process_count()],
+    }
+    return {role: cache.key(split, parameters, settings) for role, split in splits.items()}
 
-    def _shape(
-        self, stage: str, runner: StepRunner, split: input_pipeline.Split
-    ) -> tuple[int, ...]:
-        """The shape of one example's cached values (from the jitted function's shape)."""
-        spec = self.batches(split, None).element_spec["image"]
-        # A whole global batch: the jitted function splits its rows over the mesh.
-        shape = (self.config.batch_size, *spec.shape[1:])
-        image = jax.ShapeDtypeStruct(shape, spec.dtype.as_numpy_dtype)
-        _, compute = self._compute_fn(stage, runner)
-        return tuple(jax.eval_shape(compute, image).shape[1:])
 
-    def _keys(
-        self, stage: str, runner: StepRunner, splits: dict[str, input_pipeline.Split]
-    ) -> dict[str, str]:
-        """Each split's `FeatureCache.key`: the frozen layers (every backbone layer before the
-        cached point), how they run, and the split's examples."""
-        model = runner.model
-        backbone = model.backbone
-        stop = NUM_UNITS if stage == FROZEN_STAGE else model.cut
-        frozen = [
-            module
-            for name, module in backbone.keras_layers().items()
-            if name != "predictions" and backbone.unit_of_layer(name) < stop
-        ]
-        parameters = FeatureCache.parameters_digest(frozen)
-        config = self.config
-        settings = {
-            "values": self._compute_fn(stage, runner)[0],
-            # With a fine-tuning stage, the features are computed in two parts (`features`).
-            "cut": model.cut,
-            "image_size": config.image_size,
-            "dtype": config.dtype,
-            "conv_impl": config.conv_impl,
-            # Images per chunk depend on the CPU's caches (`cpu_ops.max_chunk`).
-            "unit_chunks": backbone.unit_chunks(config.image_size, config.image_size),
-            "resize": resolve_resize(config.resize, config.model),
-            "batch_size": parallel.local_batch_size(config.batch_size),
-            "devices": jax.device_count(),
-            "process": [jax.process_index(), jax.process_count()],
-        }
-        return {role: self.cache.key(split, parameters, settings) for role, split in splits.items()}
+def _compute(
+    point: str,
+    runner: StepRunner,
+    split: input_pipeline.Split,
+    config: TrainConfig,
+    stop: housekeeping.StopRequest,
+) -> dict[str, np.ndarray]:
+    """What the frozen layers make of every image of `split`, and its labels, in its order.
 
-    def _cached(
-        self, stage: str, runner: StepRunner, split: input_pipeline.Split, key: str
-    ) -> tuple[input_pipeline.Split, str | None]:
-        """`split` on its cached values, and where they were found (None: computed now)."""
-        found = self.cache.load(key, split)
-        if found is None:
-            arrays, where = self._compute(stage, runner, split), None
-            self.cache.store(key, arrays)
-        else:
-            arrays, where = found
-        return input_pipeline.with_examples(split, arrays), where
-
-    def _compute(
-        self, stage: str, runner: StepRunner, split: input_pipeline.Split
-    ) -> dict[str, np.ndarray]:
-        """What the frozen layers make of every image of `split`, and its labels, in its order.
-
-        Computed by the same jitted layers as the end-to-end step, in the split's own order, so
-        the epochs shuffle the cached values exactly as they would shuffle the images.
-        """
-        name, compute = self._compute_fn(stage, runner)
-        values, labels = [], []
-        batches = self.batches(split, None).as_numpy_iterator()
-        local_batch = parallel.local_batch_size(self.config.batch_size)
-        num_steps = math.ceil(split.max_process_examples / local_batch)
-        with tqdm(
-            total=num_steps,
-            desc=f"caching {split.name} {name}",
-            unit="step",
-            leave=False,
-            disable=not self.show_progress,
-        ) as bar:
-            place = lambda batch: (batch, parallel.shard_batch(batch, runner.mesh))  # noqa: E731
-            for host, device in prefetch_to_device(batches, place=place):
-                real = host["mask"]
-                # Each row comes back from the device (so the process) that holds its image.
-                rows = parallel.local_rows(compute(device["image"]), runner.mesh)
-                # bfloat16 -> float32 is exact, and the next layer casts back to its dtype.
-                values.append(rows[real].astype(np.float32))
-                labels.append(host["label"][real])
-                bar.update(1)
-                self.check_stop()
-        return {name: np.concatenate(values), "label": np.concatenate(labels)}
+    Computed by the same jitted layers as the end-to-end step, in the split's own order, so
+    the epochs shuffle the cached values exactly as they would shuffle the images.
+    """
+    values, labels = [], []
+    batches = epoch_batches(split, config, None).as_numpy_iterator()
+    local_batch = parallel.local_batch_size(config.batch_size)
+    num_steps = math.ceil(split.max_process_examples / local_batch)
+    with tqdm(
+        total=num_steps,
+        desc=f"caching {split.name} {point}",
+        unit="step",
+        leave=False,
+        disable=config.quiet or not housekeeping.is_writer(),
+    ) as bar:
+        place = lambda batch: (batch, parallel.shard_batch(batch, runner.mesh))  # noqa: E731
+        for host, device in prefetch_to_device(batches, place=place):
+            real = host["mask"]
+            # Each row comes back from the device (so the process) that holds its image.
+            rows = parallel.local_rows(runner.forward(device["image"], point), runner.mesh)
+            # bfloat16 -> float32 is exact, and the next layer casts back to its dtype.
+            values.append(rows[real].astype(np.float32))
+            labels.append(host["label"][real])
+            bar.update(1)
+            stop.check()
+    return {point: np.concatenate(values), "label": np.concatenate(labels)}

@@ -30,7 +30,7 @@ import optax
 from flax import nnx
 
 from mnist_flax.config import FINE_TUNE_STAGE, FROZEN_STAGE
-from mnist_flax.mobilenet_v2 import keras_layer_path
+from mnist_flax.keras_names import keras_layer_path
 from mnist_flax.model import TransferClassifier
 
 # The parameter groups of `freeze_labels`, each with its own transformation in `make_optimizer`.

@@ -3,16 +3,9 @@
 This module owns the architecture and its forward pass; `convert.py` fills it with Keras weights,
 `convolutions.py` computes its convolutions.
 
-Every weighted Keras layer has exactly one NNX module here, reachable by an obvious path:
-
-    Keras layer name                 NNX path (see `keras_layer_path`)
-    Conv1, bn_Conv1                  Conv1, bn_Conv1
-    expanded_conv_depthwise          blocks[0].depthwise        (block 0 has no expand layer)
-    expanded_conv_project_BN         blocks[0].project_BN
-    block_<i>_expand                 blocks[i].expand           (i = 1..16)
-    block_<i>_depthwise_BN           blocks[i].depthwise_BN
-    Conv_1, Conv_1_bn                Conv_1, Conv_1_bn
-    predictions                      predictions                (only with include_top)
+Every weighted Keras layer has exactly one NNX module here, at the path its name gives
+(`keras_names.py`: `block_3_expand_BN` is `blocks[3].expand_BN`), so that conversion, freezing and
+fine-tuning all speak in Keras' layer names.
 
 Parameters keep Keras' shapes (conv kernels `(kh, kw, in, out)`, depthwise kernels `(kh, kw, channels, 1)`,
 dense kernel `(in, out)`), so conversion is a copy with no transposes.
@@ -26,17 +19,11 @@ shift), which is exact up to float32 rounding and saves one pass over every acti
 
 from __future__ import annotations
 
-import re
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mnist_flax.config import (
-    MIN_IMAGE_SIZE,
-    ModelConfigError,
-    block_keras_prefix,
-)
+from mnist_flax.config import MIN_IMAGE_SIZE, ModelConfigError
 from mnist_flax.convolutions import (
     SAME_3X3,
     conv2d,
@@ -44,7 +31,8 @@ from mnist_flax.convolutions import (
     depthwise_conv2d,
     resolve_conv_impl,
 )
-from mnist_flax.cpu_ops import images_per_chunk, map_in_chunks, relu6
+from mnist_flax.cpu_ops import relu6
+from mnist_flax.keras_names import backbone_layer_names, keras_layer_path
 
 # Keras' MobileNetV2 uses this epsilon for every BatchNormalization layer (its momentum only matters
 # in training mode, which this network never runs).
@@ -73,14 +61,6 @@ BLOCK_SPECS: tuple[tuple[int, int, int], ...] = (
 
 POOLINGS = (None, "avg", "max")
 CLASSIFIER_ACTIVATIONS = (None, "softmax", "linear")
-# On the CPU path each unit runs a few images at a time, as many as `cpu_ops.images_per_chunk`
-# allows for its widest activation; a gradient through the backbone goes CPU_BATCH_CHUNK images at a
-# time (`model.TransferClassifier.gradient_chunk`).
-CPU_BATCH_CHUNK = 2
-# The network as a chain of units, each ending in a named activation: the stem (Conv1, bn_Conv1),
-# the 17 blocks, the top (Conv_1, Conv_1_bn). `prefix(x, cut)` runs units [0, cut), `suffix(x, cut)`
-# the rest: fine-tuning from a layer cuts before the unit that holds it.
-NUM_UNITS = len(BLOCK_SPECS) + 2
 
 
 def _make_divisible(v: float, divisor: int = 8, min_value: int | None = None) -> int:
@@ -216,32 +196,6 @@ class InvertedResidual(nnx.Module):
         return inputs + x if self.use_residual else x
 
 
-_BLOCK_LAYER = re.compile(
-    r"^(?:expanded_conv_|block_(\d+)_)(expand|expand_BN|depthwise|depthwise_BN|project|project_BN)$"
-)
-_TOP_LEVEL_LAYERS = ("Conv1", "bn_Conv1", "Conv_1", "Conv_1_bn", "predictions")
-_BLOCK_MEMBERS = ("expand", "expand_BN", "depthwise", "depthwise_BN", "project", "project_BN")
-
-
-def keras_layer_path(keras_layer_name: str) -> tuple[str | int, ...] | None:
-    """The NNX module path of a weighted Keras MobileNetV2 layer, or None for a name that is not one.
-
-    >>> keras_layer_path("block_3_expand_BN")
-    ('blocks', 3, 'expand_BN')
-    >>> keras_layer_path("expanded_conv_project")
-    ('blocks', 0, 'project')
-    """
-    if keras_layer_name in _TOP_LEVEL_LAYERS:
-        return (keras_layer_name,)
-    match = _BLOCK_LAYER.match(keras_layer_name)
-    if match is None:
-        return None
-    block_id = int(match.group(1)) if match.group(1) is not None else 0
-    if keras_layer_name.startswith("block_") and block_id == 0:
-        return None  # Keras names block 0 "expanded_conv_", never "block_0_"
-    return ("blocks", block_id, match.group(2))
-
-
 class MobileNetV2(nnx.Module):
     """`keras.applications.MobileNetV2(alpha, include_top, classes, classifier_activation, pooling)`.
 
@@ -251,8 +205,6 @@ class MobileNetV2(nnx.Module):
 
     conv_impl: "auto" | "xla" | "cpu", how convolutions are computed (`convolutions.py`); same results.
     dtype: compute dtype of activations (e.g. jnp.bfloat16); parameters stay float32.
-    batch_chunk: images per pass through the network; None = chosen per unit by activation size on
-        the CPU path (`cpu_ops.images_per_chunk`), the whole batch otherwise; 0 = the whole batch.
     """
 
     def __init__(
@@ -265,7 +217,6 @@ class MobileNetV2(nnx.Module):
         pooling: str | None = None,
         conv_impl: str = "auto",
         dtype: jnp.dtype | None = None,
-        batch_chunk: int | None = None,
         rngs: nnx.Rngs,
     ):
         if alpha <= 0:
@@ -284,7 +235,6 @@ class MobileNetV2(nnx.Module):
         self.pooling = pooling
         self.conv_impl = conv_impl
         self.dtype = dtype
-        self.batch_chunk = batch_chunk
 
         options = dict(conv_impl=conv_impl, dtype=dtype, rngs=rngs)
         first_filters = _make_divisible(32 * alpha, 8)
@@ -319,23 +269,41 @@ class MobileNetV2(nnx.Module):
         else:
             self.predictions = None
 
-    def keras_layers(self) -> dict[str, nnx.Module]:
-        """Every weighted Keras layer name of this configuration -> the NNX module holding its weights."""
-        layers: dict[str, nnx.Module] = {"Conv1": self.Conv1, "bn_Conv1": self.bn_Conv1}
-        for block_id, block in enumerate(self.blocks):
-            for member in _BLOCK_MEMBERS:
-                module = getattr(block, member)
-                if module is not None:
-                    layers[block_keras_prefix(block_id) + member] = module
-        layers["Conv_1"] = self.Conv_1
-        layers["Conv_1_bn"] = self.Conv_1_bn
-        if self.predictions is not None:
-            layers["predictions"] = self.predictions
-        return layers
-
     def __call__(self, x: jax.Array) -> jax.Array:
-        self._check_input(x)
-        return self._output(self._chunked_units(x, 0, NUM_UNITS))
+        """Keras' MobileNetV2 on images in [-1, 1]: the stem, the 17 inverted residual blocks, the
+        top, then the classifier or the pooling that `include_top` and `pooling` ask for."""
+        self.check_input(x)
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        x = self.top(x)
+        return self.output(x)
+
+    def stem(self, x: jax.Array) -> jax.Array:
+        """Conv1: a 3x3 stride-2 convolution, BatchNorm, ReLU6 (in the compute dtype)."""
+        x = x.astype(self.dtype or x.dtype)
+        return relu6(self.Conv1(x, self.bn_Conv1))
+
+    def top(self, x: jax.Array) -> jax.Array:
+        """Conv_1: a 1x1 convolution to `num_features` channels, BatchNorm, ReLU6."""
+        return relu6(self.Conv_1(x, self.Conv_1_bn))
+
+    def output(self, x: jax.Array) -> jax.Array:
+        """The last feature map -> class scores (include_top), pooled features, or itself."""
+        if self.include_top:
+            x = self.predictions(jnp.mean(x, axis=(1, 2)))
+            return jax.nn.softmax(x, axis=-1) if self.classifier_activation == "softmax" else x
+        if self.pooling == "avg":
+            return jnp.mean(x, axis=(1, 2))
+        if self.pooling == "max":
+            return jnp.max(x, axis=(1, 2))
+        return x
+
+    @property
+    def units(self) -> list:
+        """The network as a chain of 19 units (`keras_names.NUM_UNITS`): the stem, the 17 blocks,
+        the top. Fine-tuning trains the units from one on; the CPU path runs them in chunks."""
+        return [self.stem, *self.blocks, self.top]
 
     def feature_maps(self, x: jax.Array) -> list[jax.Array]:
         """Activations after Conv1's ReLU, after each of the 17 blocks and after `out_relu` (19 maps).
@@ -343,101 +311,25 @@ class MobileNetV2(nnx.Module):
         Keras names these `Conv1_relu`, `expanded_conv_project_BN`, `block_<i>_add` or
         `block_<i>_project_BN`, and `out_relu`; the parity tests compare them one by one.
         """
-        self._check_input(x)
-        outputs = [x.astype(self.dtype or x.dtype)]
-        for unit in range(NUM_UNITS):
-            outputs.append(self._unit(unit, outputs[-1]))
+        self.check_input(x)
+        outputs = [x]
+        for unit in self.units:
+            outputs.append(unit(outputs[-1]))
         return outputs[1:]
 
-    def prefix(self, x: jax.Array, cut: int) -> jax.Array:
-        """The activation entering unit `cut` (`NUM_UNITS`): units [0, cut) on images `x`."""
-        self._check_input(x)
-        return self._chunked_units(x, 0, cut)
+    def keras_layers(self) -> dict[str, nnx.Module]:
+        """Every weighted Keras layer name of this configuration -> the NNX module holding its weights."""
+        names = backbone_layer_names() + (("predictions",) if self.include_top else ())
+        layers = {}
+        for name in names:
+            module = self
+            for part in keras_layer_path(name):
+                module = module[part] if isinstance(part, int) else getattr(module, part)
+            layers[name] = module
+        return layers
 
-    def suffix(self, x: jax.Array, cut: int) -> jax.Array:
-        """The model's output from the activation entering unit `cut`, on the whole batch at once.
-
-        These are the layers that fine-tuning trains. `batch_chunk` applies to the frozen prefix
-        only: their activations are small (at most 14x14 at 224 px from block 11 on), and a
-        backward pass through a `lax.map` over chunks measured slower on the CPU
-        (docs/cpu_path.md).
-        """
-        return self._output(self._units(x, cut, NUM_UNITS))
-
-    def unit_of_layer(self, keras_layer_name: str) -> int:
-        """The unit (`NUM_UNITS`) holding a Keras layer: 0 for Conv1, block_id + 1, 18 for Conv_1."""
-        path = keras_layer_path(keras_layer_name)
-        if path is None or path[0] == "predictions":
-            raise ModelConfigError(f"{keras_layer_name!r} is not a layer of MobileNetV2's backbone")
-        if path[0] == "blocks":
-            return path[1] + 1
-        return 0 if path[0] in ("Conv1", "bn_Conv1") else NUM_UNITS - 1
-
-    def chunk_size(self) -> int:
-        """Images per pass of a gradient through the network (`batch_chunk` resolved), and of
-        what runs before it (the notebook's adapter); 0 = the whole batch."""
-        if self.batch_chunk is not None:
-            return self.batch_chunk
-        return CPU_BATCH_CHUNK if resolve_conv_impl(self.conv_impl) == "cpu" else 0
-
-    def in_chunks(self, fn, x: jax.Array) -> jax.Array:
-        """`fn(x)` computed `chunk_size()` images at a time (`cpu_ops.map_in_chunks`)."""
-        return map_in_chunks(fn, x, self.chunk_size())
-
-    def unit_chunks(self, height: int, width: int) -> list[int]:
-        """Images per pass through each unit for `height` x `width` inputs (0 = whole batch)."""
-        if self.batch_chunk is not None or resolve_conv_impl(self.conv_impl) != "cpu":
-            return [self.batch_chunk or 0] * NUM_UNITS
-        itemsize = jnp.dtype(self.dtype or jnp.float32).itemsize
-        h, w = -(-height // 2), -(-width // 2)  # after Conv1 (stride 2)
-        # Conv1's widest: its output, or its im2col windows (27 values a pixel).
-        widest = [h * w * max(self.Conv1.kernel.shape[-1], 27)]
-        for block in self.blocks:
-            widest.append(h * w * block.depthwise.kernel.shape[2])  # the expanded activation
-            if block.depthwise.strides == 2:
-                h, w = -(-h // 2), -(-w // 2)
-        widest.append(h * w * self.num_features)
-        return [images_per_chunk(values * itemsize) for values in widest]
-
-    def _chunked_units(self, x: jax.Array, start: int, stop: int) -> jax.Array:
-        """Units [start, stop) on images `x`, each run of units with the same chunk in one
-        `map_in_chunks` (`unit_chunks`)."""
-        chunks = self.unit_chunks(x.shape[1], x.shape[2])
-        x = x.astype(self.dtype or x.dtype)
-        while start < stop:
-            end = start + 1
-            while end < stop and chunks[end] == chunks[start]:
-                end += 1
-            x = map_in_chunks(lambda x, a=start, b=end: self._units(x, a, b), x, chunks[start])
-            start = end
-        return x
-
-    def _units(self, x: jax.Array, start: int, stop: int) -> jax.Array:
-        x = x.astype(self.dtype or x.dtype)
-        for unit in range(start, stop):
-            x = self._unit(unit, x)
-        return x
-
-    def _unit(self, unit: int, x: jax.Array) -> jax.Array:
-        if unit == 0:
-            return relu6(self.Conv1(x, self.bn_Conv1))
-        if unit <= len(self.blocks):
-            return self.blocks[unit - 1](x)
-        return relu6(self.Conv_1(x, self.Conv_1_bn))
-
-    def _output(self, x: jax.Array) -> jax.Array:
-        if self.include_top:
-            x = self.predictions(jnp.mean(x, axis=(1, 2)))
-            if self.classifier_activation == "softmax":
-                x = jax.nn.softmax(x, axis=-1)
-            return x
-        if self.pooling == "avg":
-            return jnp.mean(x, axis=(1, 2))
-        if self.pooling == "max":
-            return jnp.max(x, axis=(1, 2))
-        return x
-
-    def _check_input(self, x: jax.Array) -> None:
+    def check_input(self, x: jax.Array) -> None:
+        """Refuses what is not an NHWC RGB batch of at least `MIN_IMAGE_SIZE` a side."""
         if x.ndim != 4 or x.shape[-1] != 3:
             raise ModelConfigError(
                 f"MobileNetV2 expects an NHWC batch with 3 channels, got shape {tuple(x.shape)}"

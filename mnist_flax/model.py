@@ -1,32 +1,32 @@
 """The classifiers: an ImageNet MobileNetV2, average pooling and a Dense head, with or without the
 Keras notebook's trainable adapter in front.
 
-This module owns `TransferClassifier` and `create_model`: the pipeline model (RGB images in [-1, 1]
--> backbone -> average pooling -> Dense) and the Keras notebook's own model (28x28 digits in [0, 1]
--> `NotebookAdapter`, i.e. UpSampling2D + Conv2D(3, relu) -> the same backbone and head), built from
-the weights `--weights` names (random, Keras ImageNet, an H5 file, a converted directory), with
-`preprocess_on_device` for uint8 batches (`--resize device`). What trains in them, and how, is
-`freezing.py`'s.
+This module owns `TransferClassifier`: the pipeline model (RGB images in [-1, 1] -> backbone ->
+average pooling -> Dense) and the Keras notebook's own model (28x28 digits in [0, 1] ->
+`NotebookAdapter`, i.e. UpSampling2D + Conv2D(3, relu) -> the same backbone and head), with
+`preprocess_on_device` for uint8 batches (`--resize device`). Building one from `--weights` is
+`build.py`'s; what trains in it, and how, is `freezing.py`'s.
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mnist_flax.config import DIGIT_SIZE, TrainConfig, fine_tune_layer
+from mnist_flax import cpu_chunks
 from mnist_flax.convolutions import SAME_3X3, conv2d
-from mnist_flax.mobilenet_v2 import Conv2D, DepthwiseConv2D, MobileNetV2
+from mnist_flax.keras_names import NUM_UNITS, unit_of_layer
+from mnist_flax.mobilenet_v2 import MobileNetV2
 
-# `config.dtype` names -> compute dtypes.
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# The points of the classifier's chain, in order (`TransferClassifier.__call__`). A batch holds an
+# "image", or the values a stage cached at "activations" or "features", under that name.
+POINTS = ("image", "activations", "features", "logits")
 
 
-def resolve_resize(resize: str, model: str = "pipeline") -> str:
-    """Where the digits are resized: "auto" means "device" on GPU/TPU and "host" on the CPU.
+def resolve_resize(resize: str, model: str = "pipeline", platform: str | None = None) -> str:
+    """Where the digits are resized: "auto" means "device" on GPU/TPU and "host" on the CPU
+    (`platform`'s choice; default: JAX's default backend).
 
     The notebook model resizes nothing outside its step ("none": 28x28 digits in [0, 1]). On an
     accelerator tf.data's resize on a few host cores would starve the device (uint8 digits
@@ -36,7 +36,7 @@ def resolve_resize(resize: str, model: str = "pipeline") -> str:
     if model == "notebook":
         return "none"
     if resize == "auto":
-        return "host" if jax.default_backend() == "cpu" else "device"
+        return "host" if (platform or jax.default_backend()) == "cpu" else "device"
     return resize
 
 
@@ -96,8 +96,9 @@ class TransferClassifier(nnx.Module):
         [0, 1]), or None for the pipeline model (RGB images in [-1, 1], or uint8 digits resized on
         the device).
     fine_tune_from: the Keras layer from which the backbone trains in the fine-tuning stage
-        (`freezing.freeze_labels`), or None when the whole backbone stays frozen. The activation entering
-        the unit that holds it (`cut`) is what the fine-tuning stage caches.
+        (`freezing.freeze_labels`), or None when the whole backbone stays frozen.
+    batch_chunk: images per pass through the frozen backbone units: None, the CPU path's plan
+        (`cpu_chunks.py`) on the CPU and the whole batch elsewhere; 0, the whole batch; N, N images.
     """
 
     def __init__(
@@ -108,6 +109,7 @@ class TransferClassifier(nnx.Module):
         image_size: int,
         adapter: NotebookAdapter | None = None,
         fine_tune_from: str | None = None,
+        batch_chunk: int | None = None,
         rngs: nnx.Rngs,
     ):
         self.backbone = backbone
@@ -121,129 +123,50 @@ class TransferClassifier(nnx.Module):
         )
         self.image_size = image_size
         self.fine_tune_from = fine_tune_from
-        self.cut = None if fine_tune_from is None else backbone.unit_of_layer(fine_tune_from)
+        self.batch_chunk = batch_chunk
+        # Backbone units [0, cut) stay frozen in every stage; fine-tuning trains those from `cut` on.
+        self.cut = NUM_UNITS if fine_tune_from is None else unit_of_layer(fine_tune_from)
 
-    def __call__(self, images: jax.Array) -> jax.Array:
-        return self.classify_features(self.features(images))
+    def __call__(self, x: jax.Array, *, start: str = "image", stop: str = "logits") -> jax.Array:
+        """The classifier's chain from point `start` to point `stop` (`POINTS`):
 
-    @property
-    def gradient_chunk(self) -> int:
-        """Examples per chunk of the train step's gradient (`steps.train_step`); 0 = whole batch.
+            "image" -> adapter (notebook model) or resize (uint8 digits) -> the backbone units
+            no stage trains -> "activations" -> the units fine-tuning trains, average pooling
+            -> "features" -> the Dense head -> "logits"
 
-        The notebook model's gradient crosses the frozen backbone's activations, so on the CPU
-        path it is computed in the backbone's chunks (`MobileNetV2.batch_chunk`) and summed.
-        The pipeline model differentiates only layers after the frozen ones: whole batch.
+        `model(images)` is the classifier. A stage whose epochs run on cached values computes
+        them once, `model(images, stop="features")` (the frozen stage) or `stop="activations"`
+        (fine-tuning), and each step then runs `model(values, start=...)`: the rest of the chain.
         """
-        return self.backbone.chunk_size() if self.adapter is not None else 0
+        for point in POINTS[POINTS.index(start) + 1 : POINTS.index(stop) + 1]:
+            if point == "activations":
+                x = self.frozen_units(x)
+            elif point == "features":
+                # Cached activations come as float32; the units compute in the backbone's dtype.
+                x = x.astype(self.backbone.dtype or x.dtype)
+                for unit in self.backbone.units[self.cut :]:
+                    x = unit(x)
+                x = self.backbone.output(x)
+            else:
+                # A bfloat16 backbone hands over bfloat16 features; the head and the softmax
+                # stay float32.
+                x = self.head(x.astype(jnp.float32))
+        return x
 
-    def backbone_input(self, images: jax.Array) -> jax.Array:
-        """What the backbone reads: the adapter's output, or the images (resized if uint8)."""
+    def frozen_units(self, images: jax.Array) -> jax.Array:
+        """Images -> the activation entering unit `cut`: what the backbone reads (the adapter's
+        output, or the images resized if uint8), through the units no stage trains.
+
+        On the CPU path a few images at a time, so that each image's activations stay in cache
+        (`cpu_chunks.py`); elsewhere the whole batch.
+        """
         if self.adapter is not None:
-            # In the backbone's chunks: the upsampled digits stay in cache (`MobileNetV2.in_chunks`).
-            return self.backbone.in_chunks(self.adapter, images)
-        # uint8 batches come from `resize="device"`: 28x28 gray digits, resized here on the device.
-        if images.dtype == jnp.uint8:
-            return preprocess_on_device(images, self.image_size)
-        return images
-
-    def features(self, images: jax.Array) -> jax.Array:
-        """Images -> pooled backbone features [B, num_features] (what the frozen stage caches)."""
-        if self.cut:
-            # The frozen prefix as the CPU path runs a frozen backbone (in chunks), the layers
-            # that fine-tuning trains on the whole batch (`MobileNetV2.suffix`).
-            return self.backbone.suffix(self.cut_activations(images), self.cut)
-        return self.backbone(self.backbone_input(images))
-
-    def cut_activations(self, images: jax.Array) -> jax.Array:
-        """Images -> the activation entering the fine-tuned layers (what fine-tuning caches)."""
-        return self.backbone.prefix(self.backbone_input(images), self.cut)
-
-    def classify_cut_activations(self, activations: jax.Array) -> jax.Array:
-        """The fine-tuned layers and the head, on `cut_activations` (also cached ones)."""
-        return self.classify_features(self.backbone.suffix(activations, self.cut))
-
-    def classify_features(self, features: jax.Array) -> jax.Array:
-        """The head alone, on pooled backbone features [B, num_features] (also cached ones)."""
-        # A bfloat16 backbone hands over bfloat16 features; the head and the softmax stay float32.
-        return self.head(features.astype(jnp.float32))
-
-
-def with_computation(
-    model: TransferClassifier, *, conv_impl: str, batch_chunk: int
-) -> TransferClassifier:
-    """A copy of `model` sharing its arrays that computes in float32, its convolutions by
-    `conv_impl` (`convolutions.py`), `batch_chunk` images at a time (0: the whole batch).
-
-    What the exports trace (`export.py`): the same parameters whatever `--dtype`, `--conv-impl`
-    and chunking the run used, so that every format computes the same float32 function.
-    """
-    copy = nnx.clone(model)
-    for _, module in nnx.iter_modules(copy):
-        if isinstance(module, (MobileNetV2, Conv2D, DepthwiseConv2D, NotebookAdapter)):
-            module.conv_impl = conv_impl
-        if isinstance(module, (MobileNetV2, Conv2D, DepthwiseConv2D)):
-            module.dtype = None  # the input's: float32
-    copy.backbone.batch_chunk = batch_chunk
-    return copy
-
-
-def build_backbone(config: TrainConfig, rngs: nnx.Rngs) -> MobileNetV2:
-    """The backbone `config.weights` names: random ("none"), Keras ImageNet, an H5 file or a converted dir."""
-    options = dict(
-        alpha=config.alpha,
-        include_top=False,
-        pooling="avg",
-        conv_impl=config.conv_impl,
-        dtype=COMPUTE_DTYPES[config.dtype],
-    )
-    if config.weights == "none":
-        return MobileNetV2(**options, rngs=rngs)
-    # Imported here: the converter pulls in h5py and, for "imagenet", the Keras download cache.
-    from mnist_flax import convert
-
-    return convert.mobilenet_v2_from_keras(
-        config.weights, input_shape=(config.image_size, config.image_size, 3), **options
-    )
-
-
-def create_model(config: TrainConfig, num_classes: int) -> TransferClassifier:
-    """The classifier `config.model` names, initialised from `config.seed`.
-
-    The backbone, the head and the notebook's adapter draw from separate keys (the pipeline
-    model's head draws what it drew before the adapter existed). A `config.weights` directory
-    holding a whole converted classifier (`mnist-flax convert --keras-model`) fills every
-    parameter, trained head and adapter included.
-    """
-    # Imported here: the converter pulls in h5py (and Orbax for converted directories).
-    from mnist_flax import convert
-
-    classifier_dir = convert.is_converted_classifier(config.weights)
-
-    def build() -> TransferClassifier:
-        key = jax.random.key(config.seed)
-        backbone_key, head_key = jax.random.split(key)
-        backbone_config = dataclasses.replace(config, weights="none") if classifier_dir else config
-        backbone = build_backbone(backbone_config, nnx.Rngs(params=backbone_key))
-        adapter = None
-        if config.model == "notebook":
-            adapter = NotebookAdapter(
-                config.image_size // DIGIT_SIZE,
-                conv_impl=config.conv_impl,
-                rngs=nnx.Rngs(params=jax.random.fold_in(key, 2)),
-            )
-        fine_tune_from = fine_tune_layer(config.fine_tune_from) if config.fine_tune_epochs else None
-        return TransferClassifier(
-            backbone,
-            num_classes,
-            image_size=config.image_size,
-            adapter=adapter,
-            fine_tune_from=fine_tune_from,
-            rngs=nnx.Rngs(params=head_key),
-        )
-
-    if classifier_dir:
-        # Shapes only: every array comes from the directory, nothing is drawn to be overwritten.
-        model = nnx.eval_shape(build)
-        convert.restore_classifier(config.weights, model)
-        return model
-    return build()
+            # In the gradient's chunks: the upsampled digits stay in cache.
+            x = cpu_chunks.map_in_chunks(self.adapter, images, cpu_chunks.gradient_chunk(self))
+        elif images.dtype == jnp.uint8:  # from `--resize device`: 28x28 gray digits
+            x = preprocess_on_device(images, self.image_size)
+        else:
+            x = images
+        self.backbone.check_input(x)
+        chunks = cpu_chunks.unit_chunks(self, x.shape[1], x.shape[2])
+        return cpu_chunks.run_units(self.backbone.units[: self.cut], x, chunks[: self.cut])

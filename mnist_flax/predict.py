@@ -25,8 +25,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from mnist_flax import evaluate, input_pipeline, runtime
+from mnist_flax.build import create_model
 from mnist_flax.config import DIGIT_SIZE, ConfigError, TrainConfig
-from mnist_flax.model import TransferClassifier, create_model, resolve_resize
+from mnist_flax.model import TransferClassifier, resolve_resize
 from mnist_flax.steps import StepRunner, make_metrics
 
 # MNIST's digits: the ink's bounding box is 20 pixels on its longer side (every test digit's is),

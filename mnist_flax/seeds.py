@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import jax
 
-from mnist_flax import train
+from mnist_flax import housekeeping, train
 from mnist_flax.config import ConfigError, TrainConfig
 from mnist_flax.feature_cache import FeatureCache
 
@@ -64,5 +64,5 @@ def run_seeds(
         if json_file is not None:
             path = pathlib.Path(json_file)
             path.parent.mkdir(parents=True, exist_ok=True)
-            train.write_json_atomically(path, summary)
+            housekeeping.write_json_atomically(path, summary)
     return summary

@@ -20,7 +20,7 @@ guide (docs_nnx/guides/performance.md): each object is `nnx.split` once into a s
 a state pytree, and each step is a plain `jax.jit` function of those states that `nnx.merge`s the
 objects, runs the NNX code and returns the new states. A call is then an ordinary jitted call with
 no Python walk over the object graph (`nnx.jit` walks MobileNetV2's 262 variables on every call;
-`nnx.cached_partial` caches that walk; `benchmarks/runner_overhead.py` measures all three, and
+`nnx.cached_partial` caches that walk; `scripts/runner_overhead.py` measures all three, and
 docs/benchmarks.md has the figures).
 """
 
@@ -37,10 +37,10 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from mnist_flax import parallel
-from mnist_flax.config import FROZEN_STAGE
+from mnist_flax import cpu_chunks, input_pipeline, parallel
+from mnist_flax.config import FROZEN_STAGE, TrainConfig
 from mnist_flax.freezing import trained_filter
-from mnist_flax.model import TransferClassifier
+from mnist_flax.model import POINTS, TransferClassifier, resolve_resize
 
 Batch = dict[str, Any]
 
@@ -51,13 +51,13 @@ def make_metrics() -> nnx.MultiMetric:
 
 
 def per_example_loss(model: TransferClassifier, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """Softmax cross-entropy of every row of the batch (padding included), and the logits."""
-    if "features" in batch:
-        logits = model.classify_features(batch["features"])
-    elif "activations" in batch:
-        logits = model.classify_cut_activations(batch["activations"])
-    else:
-        logits = model(batch["image"])
+    """Softmax cross-entropy of every row of the batch (padding included), and the logits.
+
+    The batch holds an "image", or the values a stage cached at "activations" or "features":
+    the classifier runs the rest of its chain from there (`TransferClassifier.__call__`).
+    """
+    (start,) = [point for point in POINTS[:-1] if point in batch]
+    logits = model(batch[start], start=start)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
     return losses, logits
 
@@ -81,12 +81,14 @@ def train_step(
         # Padding rows weigh 0.
         return jnp.sum(losses * batch["mask"].astype(losses.dtype)), (losses, logits)
 
-    gradient = jax.value_and_grad(summed_loss, has_aux=True)
-    chunk = model.gradient_chunk
-    if chunk and batch["mask"].shape[0] > chunk:
-        trained_grads, (losses, logits) = _accumulated(gradient, trained, batch, chunk)
-    else:
-        (_, (losses, logits)), trained_grads = gradient(trained, batch)
+    # On the CPU path the notebook model's gradient is summed over chunks of a few examples
+    # (`cpu_chunks.py`); everywhere else this is one `jax.value_and_grad` on the whole batch.
+    (_, (losses, logits)), trained_grads = cpu_chunks.value_and_grad_in_chunks(
+        jax.value_and_grad(summed_loss, has_aux=True),
+        trained,
+        batch,
+        cpu_chunks.gradient_chunk(model),
+    )
     # The loss is the mean over the real examples only.
     count = jnp.maximum(jnp.sum(batch["mask"].astype(jnp.float32)), 1.0)
     trained_grads = jax.tree.map(lambda g: g / count, trained_grads)
@@ -97,36 +99,6 @@ def train_step(
     optimizer.update(model, grads)
     # In place: adds this batch's losses and hits to the running sums (padding excluded).
     metrics.update(loss=losses, logits=logits, labels=batch["label"], mask=batch["mask"])
-
-
-def _accumulated(gradient, trained, batch: Batch, chunk: int):
-    """`gradient(trained, batch)`'s gradient and per-example outputs, `chunk` examples at a time.
-
-    The summed loss of a batch is the sum of its chunks' summed losses, so the chunks' gradients
-    add up to the batch's. When the gradient crosses the frozen backbone's activations (the
-    notebook model on the CPU path), each `lax.scan` iteration runs one chunk's forward and
-    backward pass while its activations are still in cache, and nothing is carried between
-    iterations but the sum: backpropagating through the backbone's own chunked `lax.map` instead
-    saved every chunk's residuals into stacked buffers (docs/cpu_path.md).
-    """
-    size = batch["mask"].shape[0]
-    whole = size - size % chunk
-
-    def chunks(x):
-        return x[:whole].reshape(whole // chunk, chunk, *x.shape[1:])
-
-    def add_chunk(total, chunk_batch):
-        (_, outputs), grads = gradient(trained, chunk_batch)
-        return jax.tree.map(jnp.add, total, grads), outputs
-
-    zeros = jax.tree.map(jnp.zeros_like, trained)
-    grads, outputs = jax.lax.scan(add_chunk, zeros, jax.tree.map(chunks, batch))
-    outputs = jax.tree.map(lambda x: x.reshape(whole, *x.shape[2:]), outputs)
-    if whole < size:
-        (_, rest_outputs), rest_grads = gradient(trained, jax.tree.map(lambda x: x[whole:], batch))
-        grads = jax.tree.map(jnp.add, grads, rest_grads)
-        outputs = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), outputs, rest_outputs)
-    return grads, outputs
 
 
 def gather_batch(examples: dict[str, jax.Array], indices: jax.Array) -> Batch:
@@ -152,8 +124,9 @@ def eval_step(model: TransferClassifier, metrics: nnx.MultiMetric, batch: Batch)
 class StepRunner:
     """The model, optimizer and metrics as device-resident states, and the jitted steps on them.
 
-    What is compiled: one `jax.jit` function per step (train, eval, features, cut activations,
-    predict, and the metrics' reset and read-out), each traced once per batch shape. What is donated: the states a
+    What is compiled: one `jax.jit` function per step (train and eval on a batch, on a block of
+    cached batches, the forward pass to a cached point, predict, and the metrics' reset and
+    read-out), each traced once per batch shape. What is donated: the states a
     step replaces (model, optimizer and metrics for `train`, metrics for `eval` and
     `reset_metrics`), so XLA writes the new ones into the old buffers instead of holding two copies.
 
@@ -197,8 +170,7 @@ class StepRunner:
             self._train_block_fn, donate_argnums=(0, 1, 2), out_shardings=state
         )
         self._eval_block = jax.jit(self._eval_block_fn, donate_argnums=1, out_shardings=state)
-        self._features = jax.jit(self._features_fn, out_shardings=rows)
-        self._cut_activations = jax.jit(self._cut_activations_fn, out_shardings=rows)
+        self._forward = jax.jit(self._forward_fn, static_argnames="stop", out_shardings=rows)
         self._predict = jax.jit(self._predict_fn, out_shardings=rows)
         self._reset = jax.jit(self._reset_fn, donate_argnums=0, out_shardings=state)
         self._compute = jax.jit(self._compute_fn, out_shardings=state)
@@ -237,11 +209,8 @@ class StepRunner:
         metrics_state, _ = jax.lax.scan(step, metrics_state, indices)
         return metrics_state
 
-    def _features_fn(self, model_state, images):
-        return nnx.merge(self.model_def, model_state).features(images)
-
-    def _cut_activations_fn(self, model_state, images):
-        return nnx.merge(self.model_def, model_state).cut_activations(images)
+    def _forward_fn(self, model_state, images, stop):
+        return nnx.merge(self.model_def, model_state)(images, stop=stop)
 
     def _predict_fn(self, model_state, images):
         return jax.nn.softmax(nnx.merge(self.model_def, model_state)(images))
@@ -284,13 +253,11 @@ class StepRunner:
         """A split's arrays (cached values and labels), replicated on every device of the mesh."""
         return parallel.replicate(arrays, self.mesh)
 
-    def features(self, images: jax.Array) -> jax.Array:
-        """The backbone's pooled features of a batch of images, split like the batch."""
-        return self._features(self.model_state, images)
-
-    def cut_activations(self, images: jax.Array) -> jax.Array:
-        """The frozen layers' output, where fine-tuning starts, of a batch, split like the batch."""
-        return self._cut_activations(self.model_state, images)
+    def forward(self, images: jax.Array, stop: str) -> jax.Array:
+        """The classifier from a batch of images to point `stop` (`model.POINTS`: the pooled
+        "features" the frozen stage caches, the "activations" fine-tuning caches), split like
+        the batch."""
+        return self._forward(self.model_state, images, stop=stop)
 
     def predict(self, images: jax.Array) -> jax.Array:
         """Class probabilities (the tutorial's softmax output), the work of Keras' `predict`."""
@@ -313,6 +280,19 @@ class StepRunner:
         if self.optimizer is not None:
             nnx.update(self.optimizer, self.optimizer_state)
         nnx.update(self.metrics, self.metrics_state)
+
+
+def epoch_batches(split: input_pipeline.Split, config: TrainConfig, shuffle_seed: int | None):
+    """`split`'s batches as this process feeds them to the steps (tf.data; the caller converts):
+    its rows of every global batch of `config.batch_size`, resized where `--resize` says,
+    shuffled by `shuffle_seed` (None: in the split's order)."""
+    return input_pipeline.make_batches(
+        split,
+        batch_size=parallel.local_batch_size(config.batch_size),
+        image_size=config.image_size,
+        shuffle_seed=shuffle_seed,
+        resize=resolve_resize(config.resize, config.model),
+    )
 
 
 def prefetch_to_device(

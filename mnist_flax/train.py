@@ -1,13 +1,12 @@
-"""The epoch loop: `train_and_evaluate` trains a run's epochs and writes what a run leaves behind.
+"""The training run: `train_and_evaluate` and the passes over the data it runs.
 
-This module owns the order of a run: load the splits, take the workdir (its lock, one run per
-workdir: `workdir_lock.py`), refuse a workdir of another run, build the model (`model.py`), resume
-from the newest checkpoint that reads (setting aside those that do not), then per stage (frozen,
-then optionally fine-tuning) the stage's optimizer, what its epochs run on (images, or what its
-frozen layers compute, cached: `feature_cache.py`), and per epoch a train pass and a test pass
-through the `StepRunner` (`steps.py`), a line of progress, history.json and an Orbax checkpoint
-(`checkpoints.py`); at the end curves.png (`plotting.py`). Ctrl-C stops after the last complete
-epoch's checkpoint.
+Read `train_and_evaluate` top to bottom: the splits are loaded, the workdir is taken
+(`housekeeping.py`), the model is built (`build.py`) and resumed from the newest checkpoint that
+reads; then for each stage (the frozen backbone, then optionally fine-tuning) its optimizer and
+what its epochs run on (images, or the values its frozen layers compute, cached:
+`feature_cache.py`), and for each epoch a train pass, the evaluation passes, an Orbax checkpoint
+and history.json (`checkpoints.py`). A pass (`run_pass`) feeds a split's batches to the compiled
+steps of the `StepRunner` (`steps.py`). At the end, curves.png (`plotting.py`).
 
 Data parallel over every device of every process (`parallel.py`): the batch is split over a 1-D
 mesh and the state replicated, the same code on one device and on a pod slice.
@@ -15,35 +14,29 @@ mesh and the state replicated, the same code on one device and on a pod slice.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import math
-import os
 import pathlib
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
 
 import jax
 import numpy as np
+import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from mnist_flax import checkpoints, input_pipeline, parallel, plotting, runtime, workdir_lock
-from mnist_flax.config import FINE_TUNE_STAGE, FROZEN_STAGE, TrainConfig, fine_tune_layer
-from mnist_flax.feature_cache import Caching, FeatureCache
+from mnist_flax import checkpoints, housekeeping, input_pipeline, parallel, plotting, runtime
+from mnist_flax.build import create_model
+from mnist_flax.config import FINE_TUNE_STAGE, FROZEN_STAGE, TrainConfig
+from mnist_flax.feature_cache import FeatureCache, stage_inputs
 from mnist_flax.freezing import learning_rate_schedule, make_optimizer, trainable_filter
-from mnist_flax.model import create_model, resolve_resize
-from mnist_flax.steps import StepRunner, make_metrics, prefetch_to_device
+from mnist_flax.steps import StepRunner, epoch_batches, make_metrics, prefetch_to_device
 
 # How often the progress bar reads the running loss and accuracy back from the device. Each read
 # waits for the queued steps, so it is kept rare.
 PROGRESS_REFRESH_SECONDS = 1.0
-# Train or eval steps per call on a split of cached values (`_EpochLoop.run_steps`): one call per
-# block instead of one per batch; Ctrl-C and the progress bar act between blocks.
+# Train or eval steps per call on a split of cached values (`run_pass`): one call per block
+# instead of one per batch; Ctrl-C and the progress bar act between blocks.
 STEPS_PER_CALL = 128
 
 
@@ -52,7 +45,7 @@ def train_and_evaluate(config: TrainConfig, *, feature_cache: FeatureCache | Non
 
     A run has one or two stages (`config.STAGES`): `config.epochs` with the backbone frozen, then
     `config.fine_tune_epochs` in which its layers from `config.fine_tune_from` on train too, each
-    stage with its own optimizer (`model.make_optimizer`) and learning-rate schedule.
+    stage with its own optimizer (`freezing.make_optimizer`) and learning-rate schedule.
 
     The workdir receives history.json (rewritten after every epoch), Orbax checkpoints of every
     epoch (the last few and the best kept) and curves.png at the end. A workdir that another run
@@ -72,443 +65,270 @@ def train_and_evaluate(config: TrainConfig, *, feature_cache: FeatureCache | Non
     """
     config.validate()
     runtime.enable_compilation_cache(config.compilation_cache)
-    if feature_cache is None:
-        feature_cache = FeatureCache.for_flag(config.feature_cache)
+    feature_cache = feature_cache or FeatureCache.for_flag(config.feature_cache)
     mesh = parallel.data_mesh()
     parallel.check_batch_size(config.batch_size, mesh)
     workdir = config.resolved_workdir()
     config = dataclasses.replace(config, workdir=str(workdir))
-
-    shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    splits = {
-        role: input_pipeline.load_split(config.dataset, name, data_dir=config.data_dir, **shard)
-        for role, name in (
-            ("train", config.train_split),
-            ("validation", config.validation_split),
-            ("test", config.test_split),
-        )
-        if name is not None
-    }
-    _warn_about_overlaps(splits)
+    splits = load_splits(config)
+    housekeeping.warn_about_overlaps(splits)
     # Every process steps through as many batches as the largest shard needs (the others pad).
-    steps_per_epoch = math.ceil(
-        splits["train"].max_process_examples / parallel.local_batch_size(config.batch_size)
-    )
-    run_config = {
-        **dataclasses.asdict(config),
-        "num_classes": splits["train"].num_classes,
-        "decay_steps": _decay_steps(config, config.epochs, steps_per_epoch),
-        # What a fine-tuning stage depends on (None without one).
-        "fine_tune": {
-            "layer": fine_tune_layer(config.fine_tune_from),
-            "start": config.epochs,
-            "learning_rate": config.fine_tune_learning_rate,
-            "decay_steps": _decay_steps(config, config.fine_tune_epochs, steps_per_epoch),
-        }
-        if config.fine_tune_epochs
-        else None,
-    }
-    # Process 0 holds the workdir's lock from here to the end; every process resumes from the
-    # checkpoint it chose.
-    with _holding_workdir(workdir, run_config) as resume:
+    local_batch = parallel.local_batch_size(config.batch_size)
+    steps_per_epoch = math.ceil(splits["train"].max_process_examples / local_batch)
+    run_config = housekeeping.describe_run(config, splits["train"].num_classes, steps_per_epoch)
+    history: list[dict] = []
+    epoch = 0  # the epoch being trained, for the line Ctrl-C leaves
+
+    # Process 0 holds the workdir's lock to the end; every process resumes where it decided.
+    # From here Ctrl-C stops the run between batches, never inside a checkpoint's writing.
+    with (
+        housekeeping.holding_workdir(workdir, run_config) as resume,
+        housekeeping.stop_on_ctrl_c() as stop,
+    ):
         model = create_model(config, splits["train"].num_classes)
-        # Each stage's learning rate at each of its optimizer steps (Adam's count restarts with the
-        # stage's new optimizer).
-        schedules = {
-            FROZEN_STAGE: learning_rate_schedule(
-                config.lr_schedule,
-                config.learning_rate,
-                epochs=config.epochs,
-                steps_per_epoch=steps_per_epoch,
-                warmup_epochs=config.warmup_epochs,
-            )
-        }
-        if config.fine_tune_epochs:
-            schedules[FINE_TUNE_STAGE] = learning_rate_schedule(
-                config.lr_schedule,
-                config.fine_tune_learning_rate,
-                epochs=config.fine_tune_epochs,
-                steps_per_epoch=steps_per_epoch,
-                warmup_epochs=config.warmup_epochs,
-            )
         # Replicated before restoring: Orbax restores each array with the sharding of its target.
         nnx.update(model, parallel.replicate(nnx.state(model), mesh))
-        history: list[dict] = []
-        data_seed = config.seed
         store = checkpoints.RunCheckpoints(workdir, keep_best="validation" in splits)
+        data_seed = config.seed
         try:
             if resume:
-                restored = store.restore(
-                    resume, trainable=nnx.state(model, trainable_filter(model))
-                )
-                # In place: every parameter some stage trains, as the checkpoint left it.
-                nnx.update(model, restored.trainable)
-                history, data_seed = restored.history, restored.data_seed
-                _say(
-                    f"resuming from the epoch-{restored.epoch} checkpoint in {workdir} "
-                    f"({restored.epoch} of {config.total_epochs} epochs done)"
-                )
-                if _is_writer():
-                    _rewrite_stale_history(
-                        workdir / checkpoints.HISTORY_FILE,
-                        {"config": run_config, "epochs": history},
-                        restored.epoch,
-                    )
-
-            def runner_for(stage: str) -> StepRunner:
-                """The stage's optimizer, restored when the latest checkpoint stopped inside the stage."""
-                optimizer = make_optimizer(model, schedules[stage], stage=stage)
-                nnx.update(optimizer, parallel.replicate(nnx.state(optimizer), mesh))
-                done = len(history)
-                if done and config.stage(done) == stage:
-                    restored = store.restore(done, optimizer=nnx.state(optimizer))
-                    # In place: Adam's moments and the schedule's position (Adam's step count)
-                    # continue where the checkpoint left them.
-                    nnx.update(optimizer, restored.optimizer)
-                return StepRunner(model, optimizer, make_metrics(), stage=stage, mesh=mesh)
-
-            def learning_rate(epoch: int) -> float:
-                """The rate of the epoch's last step."""
-                stage = config.stage(epoch)
-                steps = (
-                    epoch if stage == FROZEN_STAGE else epoch - config.epochs
-                ) * steps_per_epoch
-                return float(schedules[stage](steps - 1))
-
-            epochs = _EpochLoop(
-                config,
-                run_config,
-                runner_for,
-                store,
-                history,
-                data_seed,
-                learning_rate=learning_rate,
-                feature_cache=feature_cache,
+                history, data_seed = restore_run(store, resume, model, run_config)
+            stages = (
+                (FROZEN_STAGE, 0, config.epochs),
+                (FINE_TUNE_STAGE, config.epochs, config.total_epochs),
             )
-            epochs.run(splits)
+            for stage, before, last in stages:  # `before` epochs of other stages, up to `last`
+                if len(history) >= last:
+                    continue  # a finished stage: nothing to train or cache
+                schedule = stage_schedule(config, stage, steps_per_epoch)
+                optimizer = stage_optimizer(model, stage, schedule, store, history, mesh)
+                runner = StepRunner(model, optimizer, make_metrics(), stage=stage, mesh=mesh)
+                epoch = len(history) + 1
+                inputs, stage_splits = stage_inputs(
+                    stage, runner, splits, config=config, cache=feature_cache, stop=stop
+                )
+                on_device = cached_on_device(runner, stage_splits)
+                for epoch in range(len(history) + 1, last + 1):
+                    start = time.perf_counter()
+                    metrics, images_per_second = run_pass(
+                        runner, stage_splits["train"], config, stop, train=True,
+                        shuffle_seed=input_pipeline.epoch_seed(data_seed, epoch),
+                        examples=on_device.get("train"),
+                        description=f"epoch {epoch}/{config.total_epochs}",
+                    )  # fmt: skip
+                    record = {
+                        "epoch": epoch,
+                        "stage": stage,
+                        # The rate of the epoch's last step (Adam's count restarts each stage).
+                        "learning_rate": float(schedule((epoch - before) * steps_per_epoch - 1)),
+                        "train_loss": metrics["loss"],
+                        "train_accuracy": metrics["accuracy"],
+                    }
+                    for role in ("validation", "test"):
+                        if role in stage_splits:
+                            metrics, _ = run_pass(
+                                runner, stage_splits[role], config, stop, train=False,
+                                examples=on_device.get(role), description=role,
+                            )  # fmt: skip
+                            record[f"{role}_loss"] = metrics["loss"]
+                            record[f"{role}_accuracy"] = metrics["accuracy"]
+                    record["seconds"] = time.perf_counter() - start
+                    history.append(record)
+                    save_epoch(store, runner, history, data_seed, run_config)
+                    line = housekeeping.summary_line(
+                        record, config.total_epochs, images_per_second, inputs
+                    )
+                    housekeeping.say(line)
+                    stop.check()
+                # The next stage's runner starts from the parameters this one trained.
+                runner.sync()
+        except KeyboardInterrupt:
+            if epoch:
+                housekeeping.say(housekeeping.interrupted_line(epoch, len(history), workdir))
+            raise
         finally:
             store.close()
-        history_file = {"config": run_config, "epochs": history}
-        if _is_writer():
-            plotting.plot_history(history_file, workdir / "curves.png")
+    history_file = {"config": run_config, "epochs": history}
+    if housekeeping.is_writer():
+        plotting.plot_history(history_file, workdir / "curves.png")
     return history_file
 
 
-@contextlib.contextmanager
-def _holding_workdir(workdir: pathlib.Path, run_config: dict) -> Iterator[int]:
-    """Takes the workdir for this run; yields the epoch to resume from (0: start afresh).
+def run_pass(
+    runner: StepRunner,
+    split: input_pipeline.Split,
+    config: TrainConfig,
+    stop: housekeeping.StopRequest,
+    *,
+    train: bool,
+    description: str,
+    shuffle_seed: int | None = None,
+    examples: dict[str, jax.Array] | None = None,
+) -> tuple[dict[str, float], float]:
+    """Runs the train (or eval) step on every batch of `split`; returns the pass's metrics and
+    images/s.
 
-    Before the (slow) model build and before anything is written: refuses a file or an unwritable
-    place, takes the workdir's lock (one run per workdir), refuses a workdir of another run, and
-    sets aside the checkpoints that do not read (`checkpoints.check_workdir`). Process 0 does
-    this; the others follow its choice. The lock is released however the run ends.
+    A split of cached values already on the device (`examples`, from `cached_on_device`) runs
+    `STEPS_PER_CALL` steps a call there (`StepRunner.train_block`), on the batches tf.data would
+    have gathered; otherwise tf.data's batches are copied to the device ahead of the step, one
+    step a batch.
     """
-    lock = workdir_lock.WorkdirLock(workdir)
+    runner.reset_metrics()
+    local_batch = parallel.local_batch_size(config.batch_size)
+    num_steps = math.ceil(split.max_process_examples / local_batch)
+    show = not config.quiet and housekeeping.is_writer()
+    start = last_refresh = time.perf_counter()
+    seen = 0
+    with tqdm(total=num_steps, desc=description, unit="step", leave=False, disable=not show) as bar:
 
-    def take() -> int:
-        checkpoints.check_writable(workdir)
-        lock.acquire(say=_say)
-        return checkpoints.check_workdir(workdir, run_config, say=_say)
-
-    try:
-        yield parallel.decided_by_process_0(take)
-    finally:
-        lock.release()
-
-
-def _rewrite_stale_history(path: pathlib.Path, content: dict, epoch: int) -> None:
-    """Writes history.json again from the checkpoint it resumes where the file does not read or
-    holds fewer epochs (a run killed between a checkpoint and its history.json): a finished run
-    trains no epoch that would rewrite it. One that holds more (a newer checkpoint set aside) is
-    left as it is until its epochs are trained again."""
-    try:
-        recorded = json.loads(path.read_text())
-    except FileNotFoundError:
-        why = "is missing"
-    except ValueError as error:
-        why = f"does not read ({error})"
-    else:
-        epochs = recorded.get("epochs") if isinstance(recorded, dict) else None
-        if isinstance(epochs, list) and len(epochs) >= len(content["epochs"]):
-            return
-        why = f"records {len(epochs)} epochs" if isinstance(epochs, list) else "records no epochs"
-    write_json_atomically(path, content)
-    _say(f"{path} {why}; wrote it again from the epoch-{epoch} checkpoint")
-
-
-def _decay_steps(config: TrainConfig, epochs: int, steps_per_epoch: int) -> int | None:
-    """The optimizer steps a stage's learning rate decays over; None for a constant rate."""
-    return None if config.lr_schedule == "constant" else epochs * steps_per_epoch
-
-
-def _warn_about_overlaps(splits: dict[str, input_pipeline.Split]) -> None:
-    """One line per pair of splits that select the same examples of one source."""
-    roles = list(splits)
-    for i, first in enumerate(roles):
-        for second in roles[i + 1 :]:
-            shared = input_pipeline.shared_examples(splits[first], splits[second])
-            if shared:
-                _say(
-                    f"warning: --{first}-split and --{second}-split share {shared} examples; "
-                    f"the {second} figures are not measured on unseen data"
-                    if first == "train"
-                    else f"warning: --{first}-split and --{second}-split share {shared} examples"
+        def done(steps: int, real: int) -> None:
+            """After each call: progress, throughput, and Ctrl-C acted on."""
+            nonlocal seen, last_refresh
+            # Processes step in lockstep on shards that differ by at most one example, so this
+            # process's count times the process count is the global throughput.
+            seen += real * jax.process_count()
+            bar.update(steps)
+            stop.check()
+            now = time.perf_counter()
+            if show and now - last_refresh >= PROGRESS_REFRESH_SECONDS:
+                running = runner.read_metrics()
+                bar.set_postfix(
+                    img_s=f"{seen / (now - start):.0f}",
+                    loss=f"{running['loss']:.4f}",
+                    acc=f"{running['accuracy']:.4f}",
                 )
+                last_refresh = now
 
-
-@dataclasses.dataclass
-class _EpochLoop:
-    """The epochs after those in `history`, each ending in a checkpoint and a history.json rewrite."""
-
-    config: TrainConfig
-    run_config: dict
-    runner_for: Callable[[str], StepRunner]  # stage -> the runner of its model and optimizer
-    store: checkpoints.RunCheckpoints
-    history: list[dict]
-    data_seed: int
-    learning_rate: Callable[[int], float]  # epoch -> the rate of its last step
-    feature_cache: FeatureCache
-
-    def __post_init__(self):
-        self.stop_requested = False  # set by Ctrl-C (see `_ctrl_c_between_batches`)
-        self.workdir = pathlib.Path(self.config.workdir)
-        self.show_progress = not self.config.quiet and _is_writer()
-        # This process's rows of each global batch.
-        self.batch_size = parallel.local_batch_size(self.config.batch_size)
-        self.resize = resolve_resize(self.config.resize, self.config.model)
-        self.runner: StepRunner | None = None  # the current stage's (`run`)
-        self.mesh = None  # the runner's
-        self.device_examples: dict[int, dict] = {}  # `examples_on_device`, this stage's
-        self.caching = Caching(
-            self.config,
-            self.feature_cache,
-            self.batches,
-            say=_say,
-            show_progress=self.show_progress,
-            check_stop=self.stop_if_requested,
-        )
-
-    def batches(self, split: input_pipeline.Split, shuffle_seed: int | None):
-        return input_pipeline.make_batches(
-            split,
-            batch_size=self.batch_size,
-            image_size=self.config.image_size,
-            shuffle_seed=shuffle_seed,
-            resize=self.resize,
-        )
-
-    def run(self, splits: dict[str, input_pipeline.Split]) -> None:
-        """The remaining epochs of every stage over `splits` ("train", "test", maybe "validation")."""
-        with _ctrl_c_between_batches(self):
-            config = self.config
-            stages = ((FROZEN_STAGE, config.epochs), (FINE_TUNE_STAGE, config.total_epochs))
-            for stage, last in stages:
-                # A finished stage: nothing to train, nothing to cache or say about caching.
-                if len(self.history) < last:
-                    self.runner = self.runner_for(stage)
-                    self.mesh = self.runner.mesh
-                    self.run_stage(stage, last, splits)
-                    # The next stage's runner starts from the parameters this one trained.
-                    self.runner.sync()
-
-    def run_stage(self, stage: str, last: int, splits: dict[str, input_pipeline.Split]) -> None:
-        """The stage's epochs up to `last`, on cached inputs where `Caching.inputs_for` allows."""
-        config = self.config
-        inputs, splits = self.caching.inputs_for(stage, self.runner, splits)
-        self.device_examples.clear()  # the last stage's cached values
-        evaluated = [role for role in ("validation", "test") if role in splits]
-        epoch = len(self.history)
-        try:
-            for epoch in range(len(self.history) + 1, last + 1):
-                start = time.perf_counter()
-                shuffle_seed = input_pipeline.epoch_seed(self.data_seed, epoch)
-                train_metrics, images_per_second = self.pass_over(
-                    splits["train"],
-                    True,
-                    shuffle_seed,
-                    f"epoch {epoch}/{config.total_epochs}",
-                )
-                record = {
-                    "epoch": epoch,
-                    "stage": stage,
-                    "learning_rate": self.learning_rate(epoch),
-                    "train_loss": train_metrics["loss"],
-                    "train_accuracy": train_metrics["accuracy"],
-                }
-                for role in evaluated:
-                    metrics, _ = self.pass_over(splits[role], False, None, role)
-                    record[f"{role}_loss"] = metrics["loss"]
-                    record[f"{role}_accuracy"] = metrics["accuracy"]
-                record["seconds"] = time.perf_counter() - start
-                self.save(epoch, record)
-                _say(_summary_line(record, config.total_epochs, images_per_second, inputs))
-                self.stop_if_requested()
-        except KeyboardInterrupt:
-            _say(
-                f"interrupted during epoch {epoch}; epochs 1-{len(self.history)} are saved in "
-                f"{self.workdir}, run the same command again to resume"
-                if self.history
-                else f"interrupted during epoch {epoch}; nothing was saved yet"
-            )
-            raise
-
-    def pass_over(
-        self,
-        split: input_pipeline.Split,
-        train: bool,
-        shuffle_seed: int | None,
-        description: str,
-    ) -> tuple[dict[str, float], float]:
-        """Runs the train (or eval) step on every batch of `split`; returns the pass's metrics
-        and images/s."""
-        runner = self.runner
-        runner.reset_metrics()
-        start = last_refresh = time.perf_counter()
-        examples = 0
-        num_steps = math.ceil(split.max_process_examples / self.batch_size)
-        with tqdm(
-            total=num_steps,
-            desc=description,
-            unit="step",
-            leave=False,
-            disable=not self.show_progress,
-        ) as bar:
-            for steps, real in self.run_steps(split, train, shuffle_seed, num_steps):
-                # Processes step in lockstep on shards that differ by at most one example, so
-                # this process's count times the process count is the global throughput.
-                examples += real * jax.process_count()
-                bar.update(steps)
-                self.stop_if_requested()
-                now = time.perf_counter()
-                if self.show_progress and now - last_refresh >= PROGRESS_REFRESH_SECONDS:
-                    running = runner.read_metrics()
-                    bar.set_postfix(
-                        img_s=f"{examples / (now - start):.0f}",
-                        loss=f"{running['loss']:.4f}",
-                        acc=f"{running['accuracy']:.4f}",
-                    )
-                    last_refresh = now
-            metrics = runner.read_metrics()
-        return metrics, examples / (time.perf_counter() - start)
-
-    def run_steps(
-        self, split: input_pipeline.Split, train: bool, shuffle_seed: int | None, num_steps: int
-    ) -> Iterator[tuple[int, int]]:
-        """Runs the pass's steps; yields (steps run, real examples in them) after each call.
-
-        A split of cached values held in memory runs `STEPS_PER_CALL` steps a call on the device
-        (`StepRunner.train_block`), on the batches tf.data would have gathered; images (and every
-        split of a multi-process run, whose batches are stacked from every process's rows) come
-        from tf.data a batch at a time, copied to the device ahead of the step.
-        """
-        runner = self.runner
-        if split.arrays is not None and jax.process_count() == 1:
-            examples = self.examples_on_device(split)
+        if examples is not None:
             indices = input_pipeline.batch_indices(
-                split.num_examples, self.batch_size, shuffle_seed, num_steps
+                split.num_examples, local_batch, shuffle_seed, num_steps
             )
-            call = runner.train_block if train else runner.eval_block
-            for start in range(0, num_steps, STEPS_PER_CALL):
-                block = indices[start : start + STEPS_PER_CALL]
-                call(examples, block)
-                yield len(block), int(np.sum(block >= 0))
-            return
-        step = runner.train if train else runner.eval
+            for first in range(0, num_steps, STEPS_PER_CALL):
+                block = indices[first : first + STEPS_PER_CALL]
+                if train:
+                    runner.train_block(examples, block)
+                else:
+                    runner.eval_block(examples, block)
+                done(len(block), int(np.sum(block >= 0)))
+        else:
+            batches = epoch_batches(split, config, shuffle_seed).as_numpy_iterator()
 
-        def place(batch):
-            return int(np.sum(batch["mask"])), parallel.shard_batch(batch, self.mesh)
+            def place(batch):
+                return int(np.sum(batch["mask"])), parallel.shard_batch(batch, runner.mesh)
 
-        batches = self.batches(split, shuffle_seed).as_numpy_iterator()
-        for real, batch in prefetch_to_device(batches, place=place):
-            step(batch)
-            yield 1, real
+            for real, batch in prefetch_to_device(batches, place=place):
+                if train:
+                    runner.train(batch)
+                else:
+                    runner.eval(batch)
+                done(1, real)
+        metrics = runner.read_metrics()
+    return metrics, seen / (time.perf_counter() - start)
 
-    def examples_on_device(self, split: input_pipeline.Split) -> dict[str, jax.Array]:
-        """The cached split's arrays on the device, copied there once per stage."""
-        key = id(split.arrays)
-        if key not in self.device_examples:
-            self.device_examples[key] = self.runner.place_examples(split.arrays)
-        return self.device_examples[key]
 
-    def save(self, epoch: int, record: dict) -> None:
-        """Appends the epoch's record, saves its checkpoint and rewrites history.json."""
-        runner = self.runner
-        runner.sync()
-        self.history.append(record)
-        # Every process saves: Orbax writes each array once and synchronises the processes.
-        self.store.save(
+def load_splits(config: TrainConfig) -> dict[str, input_pipeline.Split]:
+    """This process's shard of the train, validation (if any) and test splits."""
+    shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    names = {
+        "train": config.train_split,
+        "validation": config.validation_split,
+        "test": config.test_split,
+    }
+    return {
+        role: input_pipeline.load_split(config.dataset, name, data_dir=config.data_dir, **shard)
+        for role, name in names.items()
+        if name is not None
+    }
+
+
+def restore_run(
+    store: checkpoints.RunCheckpoints, epoch: int, model: nnx.Module, run_config: dict
+) -> tuple[list[dict], int]:
+    """Puts the epoch-`epoch` checkpoint's parameters into `model`; returns its history and data
+    seed. A history.json the run left behind stale is written again from the checkpoint."""
+    restored = store.restore(epoch, trainable=nnx.state(model, trainable_filter(model)))
+    # In place: every parameter some stage trains, as the checkpoint left it.
+    nnx.update(model, restored.trainable)
+    workdir = run_config["workdir"]
+    total = run_config["epochs"] + run_config["fine_tune_epochs"]
+    housekeeping.say(
+        f"resuming from the epoch-{epoch} checkpoint in {workdir} ({epoch} of {total} epochs done)"
+    )
+    if housekeeping.is_writer():
+        housekeeping.rewrite_stale_history(
+            pathlib.Path(workdir, checkpoints.HISTORY_FILE),
+            {"config": run_config, "epochs": restored.history},
             epoch,
-            trainable=nnx.state(runner.model, trainable_filter(runner.model)),
-            optimizer=nnx.state(runner.optimizer),
-            data_seed=self.data_seed,
-            run_config=self.run_config,
-            history=self.history,
         )
-        if _is_writer():
-            write_json_atomically(
-                self.workdir / checkpoints.HISTORY_FILE,
-                {"config": self.run_config, "epochs": self.history},
-            )
-
-    def stop_if_requested(self) -> None:
-        """Turns a Ctrl-C noted by `_ctrl_c_between_batches` into KeyboardInterrupt, here."""
-        if self.stop_requested:
-            raise KeyboardInterrupt
+    return restored.history, restored.data_seed
 
 
-@contextlib.contextmanager
-def _ctrl_c_between_batches(loop: _EpochLoop) -> Iterator[None]:
-    """While the epochs run, Ctrl-C only sets `loop.stop_requested`; the loop acts on it.
-
-    The loop checks the flag after every batch and after every checkpoint, and raises
-    KeyboardInterrupt there: a checkpoint and history.json are never half written, and the
-    interrupt cannot land inside library code that would swallow it.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def request_stop(signum, frame):
-        loop.stop_requested = True
-
-    previous = signal.signal(signal.SIGINT, request_stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def write_json_atomically(path: pathlib.Path, content: Any) -> None:
-    """Writes JSON so that readers see the old file or the new one, never half of one."""
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(content, indent=2) + "\n")
-    os.replace(temporary, path)
-
-
-def _is_writer() -> bool:
-    """Whether this process writes the run's files and talks: process 0 of a multi-process run.
-
-    Every process runs the same loop and holds the same replicated state and metrics, so the
-    others would only repeat (and race to rewrite) what process 0 writes.
-    """
-    return jax.process_index() == 0
-
-
-def _say(message: str) -> None:
-    if _is_writer():
-        tqdm.write(message)
-
-
-def _summary_line(record: dict, epochs: int, images_per_second: float, inputs: str) -> str:
-    evaluated = "".join(
-        f"{role} loss {record[f'{role}_loss']:.4f} acc {record[f'{role}_accuracy']:.2%}  "
-        for role in ("validation", "test")
-        if f"{role}_loss" in record
+def stage_schedule(config: TrainConfig, stage: str, steps_per_epoch: int) -> optax.Schedule:
+    """The stage's learning rate at each of its optimizer steps."""
+    frozen = stage == FROZEN_STAGE
+    return learning_rate_schedule(
+        config.lr_schedule,
+        config.learning_rate if frozen else config.fine_tune_learning_rate,
+        epochs=config.epochs if frozen else config.fine_tune_epochs,
+        steps_per_epoch=steps_per_epoch,
+        warmup_epochs=config.warmup_epochs,
     )
-    stage = "  fine-tune" if record["stage"] == FINE_TUNE_STAGE else ""
-    return (
-        f"epoch {record['epoch']:>{len(str(epochs))}}/{epochs}{stage}  "
-        f"lr {record['learning_rate']:.2e}  "
-        f"train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.2%}  {evaluated}"
-        f"({record['seconds']:.1f} s, {images_per_second:.0f} img/s on {inputs})"
+
+
+def stage_optimizer(
+    model: nnx.Module,
+    stage: str,
+    schedule: optax.Schedule,
+    store: checkpoints.RunCheckpoints,
+    history: list[dict],
+    mesh: jax.sharding.Mesh,
+) -> nnx.Optimizer:
+    """The stage's optimizer, restored where the latest checkpoint stopped inside the stage."""
+    optimizer = make_optimizer(model, schedule, stage=stage)
+    nnx.update(optimizer, parallel.replicate(nnx.state(optimizer), mesh))
+    done = len(history)
+    if done and history[-1]["stage"] == stage:
+        # In place: Adam's moments and the schedule's position (Adam's step count) continue
+        # where the checkpoint left them.
+        nnx.update(optimizer, store.restore(done, optimizer=nnx.state(optimizer)).optimizer)
+    return optimizer
+
+
+def cached_on_device(
+    runner: StepRunner, splits: dict[str, input_pipeline.Split]
+) -> dict[str, dict[str, jax.Array]]:
+    """The splits of cached values, copied to the device once for the stage's epochs, which then
+    gather their batches there. Not in a multi-process run: its batches are stacked from every
+    process's rows, which tf.data gives each process."""
+    if jax.process_count() > 1:
+        return {}
+    return {
+        role: runner.place_examples(split.arrays)
+        for role, split in splits.items()
+        if split.arrays is not None
+    }
+
+
+def save_epoch(
+    store: checkpoints.RunCheckpoints,
+    runner: StepRunner,
+    history: list[dict],
+    data_seed: int,
+    run_config: dict,
+) -> None:
+    """The checkpoint of the epoch `history` ends with, then history.json rewritten."""
+    runner.sync()
+    # Every process saves: Orbax writes each array once and synchronises the processes.
+    store.save(
+        len(history),
+        trainable=nnx.state(runner.model, trainable_filter(runner.model)),
+        optimizer=nnx.state(runner.optimizer),
+        data_seed=data_seed,
+        run_config=run_config,
+        history=history,
     )
+    if housekeeping.is_writer():
+        housekeeping.write_json_atomically(
+            pathlib.Path(run_config["workdir"], checkpoints.HISTORY_FILE),
+            {"config": run_config, "epochs": history},
+        )

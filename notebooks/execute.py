@@ -7,8 +7,9 @@ This is how the committed outputs are made, and what tests/test_notebook.py runs
       --weights ../shared/weights/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5 \\
       --data-dir ../shared/data/mnist --upload-dir dist
 
-`--size` is the notebook's SIZE ("small": real weights and digits at sizes a 2-core CPU runs in a
-few minutes; "smoke": the tests' tiny run). The install cell only shows its pip commands unless
+`--size` is the notebook's SIZE ("small": real weights and digits at the sizes the settings cell
+states; "smoke": the tests' tiny run). MNIST and the weights come from `--data-dir` and
+`--weights` (a Colab user's run downloads them). The install cell only shows its pip commands unless
 `--install` (then it installs: run this in the virtualenv to install into). The runs are written
 under `--cwd` (a fresh temporary directory by default), and each code cell's metadata records the
 SHA-256 of the source that made its outputs (`"mnist_flax": {"source_sha256": ...}`), which the
@@ -63,13 +64,24 @@ def execute(
     install: bool = False,
     timeout: int = 1800,
 ) -> nbformat.NotebookNode:
-    """Executes every cell of `notebook` in order (in place) and records each code cell's hash."""
+    """Executes every cell of `notebook` in order (in place) and records each code cell's hash.
+
+    The kernel runs in `cwd`, where `data_dir`, `weights` and `upload_dir` are linked under short
+    names and its caches are kept, so that no output names a path of the machine that made it.
+    Progress bars are for a person watching; in saved outputs they would be fragments.
+    """
+    cwd = pathlib.Path(cwd)
+    links = {"mnist": data_dir, pathlib.Path(weights).name: weights, "upload": upload_dir}
+    for name, target in links.items():
+        (cwd / name).symlink_to(pathlib.Path(target).absolute())
     variables = {
         "MNIST_FLAX_NOTEBOOK_SIZE": size,
-        "MNIST_FLAX_DATA_DIR": str(pathlib.Path(data_dir).absolute()),
-        "MNIST_FLAX_WEIGHTS": str(pathlib.Path(weights).absolute()),
-        "MNIST_FLAX_UPLOAD_DIR": str(pathlib.Path(upload_dir).absolute()),
+        "MNIST_FLAX_DATA_DIR": "mnist",
+        "MNIST_FLAX_WEIGHTS": pathlib.Path(weights).name,
+        "MNIST_FLAX_UPLOAD_DIR": "upload",
         "MNIST_FLAX_NOTEBOOK_DRY_INSTALL": "0" if install else "1",
+        "XDG_CACHE_HOME": "cache",  # the kernel's, relative to `cwd`
+        "MNIST_FLAX_NOTEBOOK_QUIET": "1",
     }
     with environment(variables):
         client = NotebookClient(

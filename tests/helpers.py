@@ -13,10 +13,11 @@ import pytest
 import tensorflow_datasets as tfds
 from flax import nnx
 
-from mnist_flax import model as model_lib
+from mnist_flax import build
+from mnist_flax.build import create_model
 from mnist_flax.config import DIGIT_SIZE, MIN_IMAGE_SIZE, TrainConfig
 from mnist_flax.mobilenet_v2 import MobileNetV2
-from mnist_flax.model import TransferClassifier, create_model
+from mnist_flax.model import TransferClassifier
 
 IMAGE_SIZE = MIN_IMAGE_SIZE  # the side of every tiny model's input
 NOTEBOOK_IMAGE_SIZE = 2 * DIGIT_SIZE  # the tiny notebook model's backbone input (UpSampling2D(2))
@@ -124,14 +125,14 @@ def he_initialise(backbone: MobileNetV2, seed: int = 0) -> None:
 
 def use_he_backbone(monkeypatch: pytest.MonkeyPatch) -> None:
     """Makes every model built from a config (training, evaluation) get a He-initialised backbone."""
-    build_backbone = model_lib.build_backbone
+    build_backbone = build.build_backbone
 
     def he_backbone(config, rngs):
         backbone = build_backbone(config, rngs)
         he_initialise(backbone)
         return backbone
 
-    monkeypatch.setattr(model_lib, "build_backbone", he_backbone)
+    monkeypatch.setattr(build, "build_backbone", he_backbone)
 
 
 def quadrant_batches(num_examples: int, seed: int) -> list[dict[str, np.ndarray]]:

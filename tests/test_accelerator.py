@@ -1,4 +1,4 @@
-"""The accelerator run (`benchmarks/accelerator.sh`) as its dry run: every step on the CPU at tiny
+"""The accelerator run (`scripts/accelerator.sh`) as its dry run: every step on the CPU at tiny
 sizes, each step's files, the table, and a failing step that loses nothing written before it."""
 
 import json
@@ -10,13 +10,13 @@ import sys
 import jax
 import pytest
 
-SCRIPT = pathlib.Path(__file__).parents[1] / "benchmarks" / "accelerator.sh"
+SCRIPT = pathlib.Path(__file__).parents[1] / "scripts" / "accelerator.sh"
 # The dry run's steps, in order: its one batch size is 2.
 STEPS = ["environment", "train", "bench-pipeline-2", "bench-notebook-2"]
 
 
 def accelerator_run(*flags: str) -> subprocess.CompletedProcess:
-    """`benchmarks/accelerator.sh FLAGS --dry-run` with this interpreter; its output captured."""
+    """`scripts/accelerator.sh FLAGS --dry-run` with this interpreter; its output captured."""
     env = {
         name: value
         for name, value in os.environ.items()

@@ -14,7 +14,8 @@ import sys
 
 import pytest
 
-from mnist_flax import benchmark, cli
+from mnist_flax import cli
+from mnist_flax.benchmark import protocol
 
 TINY = ["--image-size", "32", "--steps", "2", "--repeats", "2", "--warmup", "1"]
 TINY += ["--pipeline-batches", "2"]
@@ -44,14 +45,14 @@ def assert_positive_finite(tree) -> None:
 
 def run_benchmark(args: list[str]) -> dict:
     """`mnist-flax benchmark ARGS`, as the command line parses it; returns the results."""
-    return benchmark.report(cli.build_parser().parse_args(["benchmark", *args]))
+    return protocol.report(cli.build_parser().parse_args(["benchmark", *args]))
 
 
 def test_warm_up_is_untimed_and_measurements_interleave():
     calls = []
 
     def measurement(name):
-        return benchmark.StepMeasurement(
+        return protocol.StepMeasurement(
             lambda: calls.append(name),
             lambda _: None,
             images_per_step=4,
@@ -61,7 +62,7 @@ def test_warm_up_is_untimed_and_measurements_interleave():
         )
 
     first, second = measurement("a"), measurement("b")
-    benchmark.run_interleaved([first, second], repeats=2)
+    protocol.run_interleaved([first, second], repeats=2)
     assert calls == ["a", "b"] + ["a", "a", "b", "b"] * 2
     assert len(first.times.seconds) == 4  # 2 repetitions x 2 steps; the warm-up call is not timed
     summary = first.summary()
@@ -274,8 +275,8 @@ def test_the_benchmark_is_a_subcommand_with_every_flag(capsys):
 
 @pytest.mark.slow
 def test_keras_tutorial_job_runs_on_the_jax_backend(idx_dir):
-    """benchmarks/keras_tutorial_job.py, what the whole-process rounds time, with --backend jax."""
-    script = pathlib.Path(__file__).parents[1] / "benchmarks" / "keras_tutorial_job.py"
+    """scripts/keras_tutorial_job.py, what the whole-process rounds time, with --backend jax."""
+    script = pathlib.Path(__file__).parents[1] / "scripts" / "keras_tutorial_job.py"
     flags = ["--backend", "jax", "--weights", "none", "--data-dir", str(idx_dir)]
     flags += ["--train-split", "train[:8]", "--test-split", "test[:4]", "--image-size", "32"]
     done = subprocess.run(

@@ -24,11 +24,11 @@ import tensorflow as tf
 from flax import nnx
 
 from mnist_flax import cli, convert, evaluate, input_pipeline
+from mnist_flax.build import create_model
 from mnist_flax.config import TrainConfig
 from mnist_flax.convert import WeightsError
 from mnist_flax.freezing import make_optimizer
 from mnist_flax.keras_classifier import classifier_from_keras
-from mnist_flax.model import create_model
 from mnist_flax.steps import StepRunner, make_metrics, per_example_loss
 
 NUM_CLASSES = 10

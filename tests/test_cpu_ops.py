@@ -7,7 +7,7 @@ import pytest
 
 from mnist_flax import convolutions
 from mnist_flax.convolutions import SAME_3X3, correct_pad
-from mnist_flax.cpu_ops import im2col_conv, map_in_chunks, relu6, taps_conv
+from mnist_flax.cpu_ops import im2col_conv, relu6, taps_conv
 
 # (input shape, kernel shape, stride): depthwise (kh, kw, C) and dense (kh, kw, Cin, Cout) kernels,
 # stride 1 and 2, even and odd sides (stride 2 pads like Keras' correct_pad: one or two sides).
@@ -84,19 +84,3 @@ def test_conv2d_computes_the_same_on_both_paths(shape, kernel_shape, stride):
         for impl in ("xla", "cpu")
     }
     np.testing.assert_allclose(outputs["cpu"], outputs["xla"], rtol=1e-5, atol=1e-5)
-
-
-def test_map_in_chunks_is_the_function_of_the_whole_batch():
-    x = jnp.arange(7 * 3, dtype=jnp.float32).reshape(7, 3)
-    calls = []
-
-    def fn(chunk):
-        calls.append(chunk.shape[0])
-        return chunk * 2 + 1
-
-    for size in (0, 2, 3, 7, 9):
-        calls.clear()
-        np.testing.assert_array_equal(map_in_chunks(fn, x, size), x * 2 + 1)
-        # lax.map traces the chunk function once; the remainder is one more call.
-        expected = [7] if size in (0, 7, 9) else [size, 7 % size]
-        assert calls == expected, (size, calls)

@@ -9,8 +9,8 @@ from flax import nnx
 from helpers import tiny_model
 
 from mnist_flax import freezing
-from mnist_flax.config import FINE_TUNE_STAGE, LR_SCHEDULES, STAGES, backbone_layer_names
-from mnist_flax.mobilenet_v2 import keras_layer_path
+from mnist_flax.config import FINE_TUNE_STAGE, LR_SCHEDULES, STAGES
+from mnist_flax.keras_names import backbone_layer_names, keras_layer_path
 
 
 def groups_by_layer(model) -> dict[str, set[str]]:

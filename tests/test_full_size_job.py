@@ -1,4 +1,4 @@
-"""benchmarks/full_size_job.py builds its 70,000-digit splits from the 10,000 test digits correctly."""
+"""scripts/full_size_job.py builds its 70,000-digit splits from the 10,000 test digits correctly."""
 
 import importlib.util
 import pathlib
@@ -8,7 +8,7 @@ from helpers import block_digits
 
 from mnist_flax import input_pipeline
 
-SCRIPT = pathlib.Path(__file__).parents[1] / "benchmarks" / "full_size_job.py"
+SCRIPT = pathlib.Path(__file__).parents[1] / "scripts" / "full_size_job.py"
 
 
 def test_the_training_split_is_the_test_digits_repeated(tmp_path):

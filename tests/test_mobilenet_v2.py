@@ -22,16 +22,21 @@ from keras_helpers import (
     random_keras_mobilenet,
 )
 
-from mnist_flax import cpu_ops
-from mnist_flax.config import backbone_layer_names
 from mnist_flax.convert import mobilenet_v2_from_keras
 from mnist_flax.convolutions import correct_pad
+from mnist_flax.keras_names import (
+    backbone_layer_names,
+    block_prefix,
+    keras_layer_path,
+    unit_of_layer,
+)
 from mnist_flax.mobilenet_v2 import (
+    Conv2D,
+    DepthwiseConv2D,
+    InferenceBatchNorm,
     MobileNetV2,
     ModelConfigError,
     _make_divisible,
-    block_keras_prefix,
-    keras_layer_path,
 )
 
 # (alpha, input (rows, cols), include_top, pooling, classifier_activation, conv_impl)
@@ -85,7 +90,7 @@ def test_matches_keras(alpha, size, include_top, pooling, activation, conv_impl)
 def feature_layer_names(keras_model: keras.Model) -> list[str]:
     names = ["Conv1_relu"]
     for block_id in range(17):
-        prefix = block_keras_prefix(block_id)
+        prefix = block_prefix(block_id)
         has_add = any(layer.name == f"{prefix}add" for layer in keras_model.layers)
         names.append(f"{prefix}add" if has_add else f"{prefix}project_BN")
     return [*names, "out_relu"]
@@ -160,7 +165,7 @@ def random_model(**options) -> MobileNetV2:
 
 
 def test_conv_impls_share_parameters_and_results():
-    images = random_images((5, 33, 40, 3))  # 5 images: two chunks of 2 plus a remainder on "cpu"
+    images = random_images((5, 33, 40, 3))
     xla = random_model(alpha=0.35, include_top=False, pooling="avg", conv_impl="xla")
     cpu = random_model(alpha=0.35, include_top=False, pooling="avg", conv_impl="cpu")
     assert jax.tree.structure(nnx.state(xla)) == jax.tree.structure(nnx.state(cpu))
@@ -183,17 +188,26 @@ def test_bfloat16_compute_keeps_float32_parameters():
     assert np.abs(np.asarray(low, np.float32) - reference).max() <= 0.05 * np.abs(reference).max()
 
 
-def test_keras_layer_path_names_every_weighted_layer():
+def test_keras_layers_name_every_weighted_module_once():
+    """`keras_layers` (built from `keras_names`) reaches every variable of the model exactly once,
+    each through a layer of the kind its Keras name says."""
     model = nnx.eval_shape(lambda: MobileNetV2(rngs=nnx.Rngs(0)))
     layers = model.keras_layers()
-    assert (
-        len(layers) == 2 + 4 + 16 * 6 + 2 + 1
-    )  # Conv1+bn, block 0 (no expand), 16 blocks, Conv_1+bn, top
+    # Conv1+bn, block 0 (no expand), 16 blocks, Conv_1+bn, top.
+    assert len(layers) == 2 + 4 + 16 * 6 + 2 + 1
+
+    def kind(name):
+        if name == "predictions":
+            return nnx.Linear
+        if name.startswith("bn_") or name.lower().endswith("_bn"):
+            return InferenceBatchNorm
+        return DepthwiseConv2D if name.endswith("depthwise") else Conv2D
+
     for name, module in layers.items():
-        node = model
-        for part in keras_layer_path(name):
-            node = node[part] if isinstance(part, int) else getattr(node, part)
-        assert node is module, name
+        assert isinstance(module, kind(name)), name
+    reached = [id(v) for m in layers.values() for _, v in nnx.to_flat_state(nnx.state(m))]
+    everything = [id(v) for _, v in nnx.to_flat_state(nnx.state(model))]
+    assert sorted(reached) == sorted(everything)
     assert keras_layer_path("block_3_expand_BN") == ("blocks", 3, "expand_BN")
     for not_weighted in ("Conv1_relu", "block_0_expand", "block_2_add", "input_layer", "Conv1_pad"):
         assert keras_layer_path(not_weighted) is None
@@ -203,18 +217,9 @@ def test_backbone_layer_names_are_the_keras_layers_in_network_order():
     """`--fine-tune-from` is checked (and "after" is decided) on this list, without building a model."""
     model = nnx.eval_shape(lambda: MobileNetV2(include_top=False, rngs=nnx.Rngs(0)))
     assert tuple(model.keras_layers()) == backbone_layer_names()
-    assert [model.unit_of_layer(name) for name in ("Conv1", "expanded_conv_project_BN")] == [0, 1]
-    assert [model.unit_of_layer(name) for name in ("block_13_expand", "Conv_1_bn")] == [14, 18]
-
-
-@pytest.mark.parametrize("cut", [0, 1, 14, 18, 19])
-def test_prefix_then_suffix_is_the_whole_network(cut):
-    """Where fine-tuning cuts the network, the cached prefix and the suffix compose to the model."""
-    model = random_model(alpha=0.35, include_top=False, pooling="avg", conv_impl="cpu")
-    images = random_images((3, 32, 32, 3))
-    whole = nnx.jit(lambda m, x: m(x))(model, images)
-    split = nnx.jit(lambda m, x: m.suffix(m.prefix(x, cut), cut))(model, images)
-    np.testing.assert_allclose(np.asarray(split), np.asarray(whole), rtol=1e-5, atol=1e-6)
+    assert [unit_of_layer(name) for name in ("Conv1", "expanded_conv_project_BN")] == [0, 1]
+    assert [unit_of_layer(name) for name in ("block_13_expand", "Conv_1_bn")] == [14, 18]
+    assert unit_of_layer("predictions") is None
 
 
 def test_keras_rules():
@@ -240,49 +245,3 @@ def test_bad_options_raise_clear_errors():
     model = nnx.eval_shape(lambda: MobileNetV2(alpha=0.35, include_top=False, rngs=nnx.Rngs(0)))
     with pytest.raises(ModelConfigError, match="minimum"):
         model(jnp.zeros((1, 31, 64, 3)))
-
-
-def test_the_l2_cache_size_is_read_from_sysfs(tmp_path):
-    for index, (level, size) in enumerate(
-        [("1", "48K"), ("1", "32K"), ("2", "2048K"), ("3", "2M")]
-    ):
-        (tmp_path / f"index{index}").mkdir()
-        (tmp_path / f"index{index}" / "level").write_text(level + "\n")
-        (tmp_path / f"index{index}" / "size").write_text(size + "\n")
-    assert cpu_ops.l2_cache_bytes(tmp_path) == 2048 * 2**10
-    (tmp_path / "index2" / "size").write_text("512K\n")
-    assert cpu_ops.l2_cache_bytes(tmp_path) == 512 * 2**10
-    (tmp_path / "index2" / "size").write_text("lots\n")
-    assert cpu_ops.l2_cache_bytes(tmp_path) == 0
-    assert cpu_ops.l2_cache_bytes(tmp_path / "absent") == 0
-
-
-@pytest.mark.parametrize(
-    "l2_bytes, at_224, at_448",
-    [
-        # 512 KiB of L2 a core (the AMD EPYC): chunks of 2, 1 where 2 images outgrow the budget.
-        # At 448 px the stem's windows (224 x 224 x 27 float32 an image) and block 1's expanded
-        # activation (224 x 224 x 48) do not fit CHUNK_BYTES twice.
-        (2**19, [2] * 19, [1, 2, 1] + [2] * 16),
-        # 2 MiB (the Intel Xeon): as many as fit, up to 8; unknown (0) counts as small.
-        (2**21, [4, 8, 4] + [8] * 16, [1, 2, 1, 4, 4] + [8] * 14),
-        (0, [2] * 19, [1, 2, 1] + [2] * 16),
-    ],
-)
-def test_the_cpu_path_runs_each_unit_in_chunks_sized_to_its_activation(
-    l2_bytes, at_224, at_448, monkeypatch, request
-):
-    """Chunks sized to each unit's widest activation and the CPU's L2 cache: the same output."""
-    monkeypatch.setattr(cpu_ops, "l2_cache_bytes", lambda: l2_bytes)
-    cpu_ops.max_chunk.cache_clear()
-    request.addfinalizer(cpu_ops.max_chunk.cache_clear)  # before the real l2_cache_bytes returns
-    model = random_model(alpha=0.35, include_top=False, pooling="avg", conv_impl="cpu")
-    assert model.unit_chunks(224, 224) == at_224
-    assert model.unit_chunks(448, 448) == at_448
-    assert random_model(conv_impl="xla").unit_chunks(224, 224) == [0] * 19
-    images = random_images((10, 224, 224, 3))  # whole chunks of 2, 4 and 8, and what is left
-    chunked = nnx.jit(lambda m, x: m(x))(model, images)
-    model.batch_chunk = 0
-    assert model.unit_chunks(224, 224) == [0] * 19
-    whole = nnx.jit(lambda m, x: m(x))(model, images)
-    np.testing.assert_allclose(np.asarray(chunked), np.asarray(whole), rtol=1e-5, atol=1e-6)

@@ -116,16 +116,39 @@ def _parity(text: str) -> bool:
     return found is not None and float(found.group(1)) < 1e-4
 
 
+def _losses(text: str) -> list[float]:
+    return [float(loss) for loss in re.findall(r"step \d: loss ([\d.]+)", text)]
+
+
 def _train_step(text: str) -> bool:
+    """Three steps of the notebook's own step on one batch: the loss falls."""
+    losses = _losses(text)
+    return len(losses) == 3 and losses[-1] < losses[0]
+
+
+def _same_step(text: str) -> bool:
+    """The package's step: every state donated, not the batch, and the notebook's step's losses
+    and head after three steps."""
     counts = re.findall(r"(\w+ state|batch): +(\d+) arrays, +(\d+) donated", text)
-    losses = [float(loss) for loss in re.findall(r"step \d: loss ([\d.]+)", text)]
     donated = {name: (arrays, given) for name, arrays, given in counts}
+    difference = re.search(r"the two heads differ by at most (\S+)", text)
     return (
         all(arrays == given for name, (arrays, given) in donated.items() if name != "batch")
         and donated.get("batch", ("", ""))[1] == "0"
         and len(donated) == 4
-        and len(losses) == 3
-        and losses[-1] < losses[0]
+        and len(_losses(text)) == 3
+        and difference is not None
+        and float(difference.group(1)) < 1e-5
+    )
+
+
+def _benchmark(text: str) -> bool:
+    """Ours and Keras on JAX, both measured in the notebook's own process."""
+    return (
+        "img/s" in text
+        and "keras-jax" in text
+        and "ours / keras-jax" in text
+        and "process of its own" not in text
     )
 
 
@@ -136,11 +159,13 @@ CHECKS = {
     "config": lambda t, i: t.startswith("size ") and " px, MobileNetV2 alpha " in t,
     "data": lambda t, i: "batch['image']" in t and "real rows" in t,
     "digits": lambda t, i: i == 1,
-    "backbone": lambda t, i: "Keras layers with weights" in t and "pooled features" in t,
-    "parity": lambda t, i: _parity(t),
+    "backbone": lambda t, i: "def __call__" in t and "Keras layers with weights" in t and "pooled features" in t,
+    "parity": lambda t, i: _parity(t) and "(jax backend, this process)" in t,
     "classifier": lambda t, i: "head: Dense" in t and "logits (8, 10)" in t,
     "freeze": lambda t, i: "frozen:" in t and "set_to_zero" in t and "head:" in t and "Adam" in t,
     "train-step": lambda t, i: _train_step(t),
+    "same-step": lambda t, i: _same_step(t),
+    "epoch-loop": lambda t, i: re.search(r"one epoch on \d+ digits .* test accuracy [\d.]+%", t) is not None,
     "train": lambda t, i: "cached the backbone features" in t and "test accuracy after" in t,
     "curves": lambda t, i: i == 1,
     "evaluate": lambda t, i: "test accuracy" in t and i == 2,
@@ -149,8 +174,22 @@ CHECKS = {
     "your-digit-input": lambda t, i: "wrote my_digit.png" in t,
     "your-digit": lambda t, i: re.search(r"\d: [\d.]+%, \d: [\d.]+%, \d: [\d.]+%", t) and i == 1,
     "sharding": lambda t, i: "NamedSharding" in t and "rows 0-" in t,
-    "benchmark": lambda t, i: "img/s" in t and "ours" in t,
+    "benchmark": lambda t, i: _benchmark(t),
 }  # fmt: skip
+
+
+# What a progress bar leaves in saved outputs (a carriage return, tqdm's bar or rate), a path of
+# the machine that made them, and a warning.
+PROGRESS_BAR = re.compile(r"\r|\d+%\|[^|\n]*\||\d+/\d+ \[\d|(it|step)/s\]")
+ABSOLUTE_PATH = re.compile(r"(?<![\w:/.~])/[\w.-]+/[\w.-]+")
+
+
+def output_texts(cell) -> list[str]:
+    """Everything a cell printed or showed as text."""
+    return [
+        output.get("text", "") + output.get("data", {}).get("text/plain", "")
+        for output in cell.outputs
+    ]
 
 
 def check_outputs(notebook: nbformat.NotebookNode, size: str) -> None:
@@ -160,6 +199,10 @@ def check_outputs(notebook: nbformat.NotebookNode, size: str) -> None:
         tag = cell.metadata["tags"][0]
         errors = [o for o in cell.outputs if o.output_type == "error"]
         assert not errors, (tag, errors)
+        for text in output_texts(cell):
+            assert not PROGRESS_BAR.search(text), (tag, "a progress bar's fragment", text)
+            assert not ABSOLUTE_PATH.search(text), (tag, "a path of the machine", text)
+            assert "Warning" not in text, (tag, text)
         text, images = outputs_of(cell)
         assert CHECKS[tag](text, images), (tag, text, images)
     config_text, _ = outputs_of(tagged(notebook, "config"))

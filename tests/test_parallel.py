@@ -52,7 +52,7 @@ for name, devices in (("one", jax.devices()[:1]), ("eight", jax.devices())):
     for batch in batches:
         placed = parallel.shard_batch(batch, mesh)
         steps.train(placed)
-    features = parallel.local_rows(steps.features(placed["image"]), mesh)
+    features = parallel.local_rows(steps.forward(placed["image"], "features"), mesh)
     results[name] = {
         "train": steps.read_metrics(),
         "batch_devices": len(placed["image"].sharding.device_set),

@@ -17,9 +17,9 @@ from helpers import NOTEBOOK_IMAGE_SIZE, tiny_config, tiny_model, use_he_backbon
 from PIL import Image, ImageDraw
 
 from mnist_flax import checkpoints, cli, convert, input_pipeline, predict, train
+from mnist_flax.build import create_model
 from mnist_flax.config import TrainConfig
 from mnist_flax.freezing import trainable_filter
-from mnist_flax.model import create_model
 
 
 def drawn_seven(width: int = 240, height: int = 200, *, at=(40, 30), size: int = 120) -> np.ndarray:

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 from helpers import BATCH, IMAGE_SIZE, he_initialise_backbone, quadrant_batches, tiny_model
 
-from mnist_flax import freezing, input_pipeline
+from mnist_flax import cpu_chunks, freezing, input_pipeline
 from mnist_flax.config import FINE_TUNE_STAGE, FROZEN_STAGE
 from mnist_flax.freezing import make_optimizer
 from mnist_flax.steps import StepRunner, make_metrics
@@ -69,7 +69,7 @@ def train_flops_over_forward(model, stage: str = FROZEN_STAGE, forward_flops: li
     # The CPU path's arithmetic as one straight graph: the cost analysis counts a lax.map body
     # once, and counts the XLA path's depthwise kernel gradient as a dense convolution.
     assert model.backbone.conv_impl == "cpu"
-    model.backbone.batch_chunk = 0
+    model.batch_chunk = 0
     optimizer = make_optimizer(model, 1e-3, stage=stage)
     steps = StepRunner(model, optimizer, make_metrics(), stage=stage)
     side = 28 if model.adapter is not None else model.image_size
@@ -187,7 +187,8 @@ def test_padding_rows_weigh_nothing():
 
 
 def test_notebook_gradient_in_chunks_equals_the_whole_batchs():
-    """The CPU path sums the notebook model's gradient over chunks of 2 (`steps._accumulated`):
+    """The CPU path sums the notebook model's gradient over chunks of 2
+    (`cpu_chunks.value_and_grad_in_chunks`):
     7 rows (three chunks and a remainder), one of them padding, give the whole batch's step."""
     rng = np.random.default_rng(0)
     batch = {
@@ -199,8 +200,8 @@ def test_notebook_gradient_in_chunks_equals_the_whole_batchs():
     for chunk in (2, 0):
         model = tiny_model(model="notebook", conv_impl="cpu")
         he_initialise_backbone(model)
-        model.backbone.batch_chunk = chunk
-        assert model.gradient_chunk == chunk
+        model.batch_chunk = chunk
+        assert cpu_chunks.gradient_chunk(model) == chunk
         steps = StepRunner(model, make_optimizer(model, 1e-2), make_metrics())
         steps.train(batch)
         metrics = steps.read_metrics()
@@ -218,7 +219,7 @@ def test_notebook_gradient_in_chunks_equals_the_whole_batchs():
     assert chunked_metrics["loss"] == pytest.approx(whole_metrics["loss"], rel=1e-5)
     assert chunked_metrics["accuracy"] == whole_metrics["accuracy"]
     # The pipeline model differentiates nothing before its frozen backbone: whole batch.
-    assert tiny_model(conv_impl="cpu").gradient_chunk == 0
+    assert cpu_chunks.gradient_chunk(tiny_model(conv_impl="cpu")) == 0
 
 
 def test_a_cached_features_batch_takes_the_same_step_without_the_backbone():
@@ -231,7 +232,10 @@ def test_a_cached_features_batch_takes_the_same_step_without_the_backbone():
         steps = StepRunner(model, make_optimizer(model, 1e-2), make_metrics())
         batch = images
         if kind == "features":
-            batch = {"features": steps.features(images["image"]), "label": images["label"]}
+            batch = {
+                "features": steps.forward(images["image"], "features"),
+                "label": images["label"],
+            }
             batch["mask"] = images["mask"]
         flops = steps.lower_train(batch).compile().cost_analysis()["flops"]
         steps.train(batch)

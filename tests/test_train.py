@@ -288,7 +288,7 @@ def test_each_step_compiles_once_and_a_second_run_loads_them_from_the_cache(
     finally:
         jax.config.update("jax_log_compiles", False)
     # On cached features the epochs run blocks of steps (one block a pass here).
-    for step in ("_train_block_fn", "_eval_block_fn", "_features_fn"):
+    for step in ("_train_block_fn", "_eval_block_fn", "_forward_fn"):
         assert sum(step in name for name in compiled) == 1, (step, compiled)
     assert first_misses > 0
     assert misses == []

@@ -6,8 +6,8 @@ the asynchronous call returns (dispatch) and the time until the step's work is d
 (docs_nnx/guides/performance.md) describes the three; `StepRunner` is its "functional training
 loop" and the one this project uses.
 
-    python benchmarks/runner_overhead.py                   # tiny: 32x32, alpha 0.35, batch 8
-    python benchmarks/runner_overhead.py --image-size 224 --alpha 1.0 --batch-size 32
+    python scripts/runner_overhead.py                   # tiny: 32x32, alpha 0.35, batch 8
+    python scripts/runner_overhead.py --image-size 224 --alpha 1.0 --batch-size 32
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import jax
 import numpy as np
 from flax import nnx
 
+from mnist_flax.build import create_model
 from mnist_flax.config import FROZEN_STAGE, TrainConfig
 from mnist_flax.freezing import make_optimizer
-from mnist_flax.model import create_model
 from mnist_flax.steps import StepRunner, make_metrics, train_step
 
 

@@ -1,10 +1,10 @@
 """Where the CPU path's forward pass goes: its rate against a large matrix product, per unit.
 
-    python benchmarks/forward_profile.py --weights ../shared/weights/FILE.h5           # whole pass
-    python benchmarks/forward_profile.py --weights ../shared/weights/FILE.h5 --per-unit
+    python scripts/forward_profile.py --weights ../shared/weights/FILE.h5           # whole pass
+    python scripts/forward_profile.py --weights ../shared/weights/FILE.h5 --per-unit
 
 The whole pass (the pipeline model's pooled features, batch 32, 224 px) under each `--chunks`
-setting ("auto" is the default per-unit choice, `MobileNetV2.unit_chunks`; a number is that many
+setting ("auto" is the default per-unit choice, `cpu_chunks.unit_chunks`; a number is that many
 images for every unit), interleaved with a float32 2048 x 2048 matrix product in the same
 process: images/s, GFLOP/s (XLA's cost analysis of the pass as one straight graph) and the share of
 the product's rate. `--per-unit` times each of the 19 units alone on its real input, for chunks
@@ -22,10 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mnist_flax import cpu_chunks
+from mnist_flax.build import create_model
 from mnist_flax.config import TrainConfig
-from mnist_flax.cpu_ops import map_in_chunks
-from mnist_flax.mobilenet_v2 import NUM_UNITS
-from mnist_flax.model import create_model
+from mnist_flax.keras_names import NUM_UNITS
 
 MATMUL_SIDE = 2048
 
@@ -50,15 +50,14 @@ def main() -> None:
     args = parser.parse_args()
     config = TrainConfig(weights=args.weights, image_size=args.image_size, conv_impl="cpu")
     model = create_model(config, 10)
-    backbone = model.backbone
     size = args.image_size
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.uniform(-1, 1, (args.batch_size, size, size, 3)), jnp.float32)
 
     def forward(chunk):
-        backbone.batch_chunk = None if chunk == "auto" else int(chunk)
-        graphdef, state = nnx.split(backbone)
-        return jax.jit(lambda state, x: nnx.merge(graphdef, state)(x)), state
+        model.batch_chunk = None if chunk == "auto" else int(chunk)
+        graphdef, state = nnx.split(model)
+        return jax.jit(lambda state, x: nnx.merge(graphdef, state)(x, stop="features")), state
 
     straight, state = forward("0")
     flops = straight.lower(state, images).compile().cost_analysis()["flops"]
@@ -67,7 +66,7 @@ def main() -> None:
     if args.per_unit:
         timed(matmul, a)
         rate = 2 * MATMUL_SIDE**3 / np.median([timed(matmul, a) for _ in range(5)]) / 1e9
-        per_unit(backbone, images, args.repeats, rate)
+        per_unit(model, images, args.repeats, rate)
         return
     passes = {chunk: forward(chunk) for chunk in args.chunks}
     for fn, state in passes.values():
@@ -92,20 +91,20 @@ def main() -> None:
         )
 
 
-def per_unit(backbone, images, repeats: int, rate: float) -> None:
-    backbone.batch_chunk = None  # the per-unit choice, shown beside the timings
-    graphdef, state = nnx.split(backbone)
+def per_unit(model, images, repeats: int, rate: float) -> None:
+    model.batch_chunk = None  # the per-unit choice, shown beside the timings
+    graphdef, state = nnx.split(model.backbone)
     inputs, x = [], images
     for unit in range(NUM_UNITS):
         inputs.append(x)
-        x = jax.jit(lambda s, x, u=unit: nnx.merge(graphdef, s)._unit(u, x))(state, x)
+        x = jax.jit(lambda s, x, u=unit: nnx.merge(graphdef, s).units[u](x))(state, x)
     chunks = (1, 2, 4, 8, images.shape[0])
     fns = {}
     for unit in range(NUM_UNITS):
         for chunk in chunks:
             fns[unit, chunk] = jax.jit(
-                lambda s, x, u=unit, c=chunk: map_in_chunks(
-                    lambda y: nnx.merge(graphdef, s)._unit(u, y), x, c
+                lambda s, x, u=unit, c=chunk: cpu_chunks.map_in_chunks(
+                    lambda y: nnx.merge(graphdef, s).units[u](y), x, c
                 )
             )
             timed(fns[unit, chunk], state, inputs[unit])
@@ -113,7 +112,7 @@ def per_unit(backbone, images, repeats: int, rate: float) -> None:
     for _ in range(repeats):
         for (unit, chunk), fn in fns.items():
             seconds[unit, chunk].append(timed(fn, state, inputs[unit]))
-    chosen = backbone.unit_chunks(images.shape[1], images.shape[2])
+    chosen = cpu_chunks.unit_chunks(model, images.shape[1], images.shape[2])
     batch = images.shape[0]
     # Each unit's FLOPs from XLA's cost analysis of its whole-batch graph.
     flops = [

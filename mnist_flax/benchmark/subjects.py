@@ -1,6 +1,6 @@
 """What the benchmark times: our training code, the tutorial's Keras model, whole runs with and without caching.
 
-`benchmark.py` owns how things are timed and reported; this module owns what is timed, built from
+`protocol.py` owns how things are timed and reported; this module owns what is timed, built from
 the project's public API only (`model`, `steps.StepRunner`, `input_pipeline`, `train`):
 
 - `OurRun`: one variant's compiled train step, forward pass, input pipeline, and the pipeline
@@ -30,9 +30,10 @@ import jax
 import numpy as np
 
 from mnist_flax import convert, input_pipeline, train
+from mnist_flax.build import create_model
 from mnist_flax.config import DIGIT_SIZE, MODELS, TrainConfig
 from mnist_flax.freezing import ADAPTER, HEAD, freeze_labels, make_optimizer
-from mnist_flax.model import create_model, resolve_resize
+from mnist_flax.model import resolve_resize
 from mnist_flax.steps import StepRunner, make_metrics, prefetch_to_device
 
 NUM_CLASSES = 10
@@ -229,10 +230,10 @@ def loaded_keras_backend() -> str | None:
 
 
 def import_keras(backend: str):
-    """Keras 3 on `backend` (`config.KERAS_BACKENDS`); sets KERAS_BACKEND when Keras is not loaded yet.
+    """Keras 3 on `backend` (`flags.KERAS_BACKENDS`); sets KERAS_BACKEND when Keras is not loaded yet.
 
     Keras reads its backend once, when it is imported, so a process holds one: asking for another
-    than the one loaded is a `SubjectError` (`benchmark.py` runs that backend in a process of its
+    than the one loaded is a `SubjectError` (`protocol.py` runs that backend in a process of its
     own). TensorFlow's own import pulls Keras in with TensorFlow's backend unless Keras is hidden
     (`runtime.import_tensorflow`, as this project imports it), so call this before any plain
     `import tensorflow`.

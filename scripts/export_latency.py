@@ -9,7 +9,7 @@ The runtimes are given `--threads` threads where they take a number (LiteRT's in
 Runtime's intra-op pool); TensorFlow (Keras) and XLA use every core.
 
     mnist-flax export --workdir RUN --format litert --out m.tflite   # and keras, onnx, stablehlo
-    python benchmarks/export_latency.py m.keras m.tflite m-int8.tflite m.onnx m.stablehlo \\
+    python scripts/export_latency.py m.keras m.tflite m-int8.tflite m.onnx m.stablehlo \\
         --workdir RUN --batch-sizes 1 32 --json latency.json
 """
 

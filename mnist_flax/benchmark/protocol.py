@@ -1,7 +1,7 @@
 """Throughput benchmark: where the time of a training step goes, and how it compares with Keras.
 
 This module owns how things are timed (the protocol), the report (a table on stdout, optionally
-`--json FILE`) and the command line; what is timed is in `benchmark_subjects.py`. For every
+`--json FILE`) and the run; what is timed is in `subjects.py`, the flags in `flags.py`. For every
 combination of the swept options (`--batch-size`, `--image-size`, `--dtype`, `--conv-impl`,
 `--resize`; each takes several values) it measures, on the model `--model` names (the pipeline
 model on RGB images in [-1, 1], the default; or the Keras notebook's model, UpSampling2D +
@@ -39,7 +39,7 @@ compile time is a median over the repetitions.
 
 Data: the IDX files in `--data-dir` (split `--split`), else synthetic 28x28 uint8 images with random
 pixels and labels, written as IDX files to a temporary folder so that both go through the same
-loader. The report says which. The command line is `mnist-flax benchmark` (its flags: `cli.py`):
+loader. The report says which. The command line is `mnist-flax benchmark` (its flags: `flags.py`):
 
     mnist-flax benchmark --batch-size 32 128 --resize host device --json bench.json
     mnist-flax benchmark --keras-baseline --weights ../shared/weights/FILE.h5
@@ -70,7 +70,8 @@ import jax
 import numpy as np
 
 from mnist_flax import input_pipeline
-from mnist_flax.benchmark_subjects import (
+from mnist_flax.benchmark.flags import DEFAULT_MEASUREMENTS, KERAS_MEASUREMENTS
+from mnist_flax.benchmark.subjects import (
     NUM_CLASSES,
     KerasRun,
     OurRun,
@@ -80,13 +81,7 @@ from mnist_flax.benchmark_subjects import (
     loaded_keras_backend,
     resolve_weights,
 )
-from mnist_flax.config import (
-    DEFAULT_MEASUREMENTS,
-    DIGIT_SIZE,
-    KERAS_MEASUREMENTS,
-    MODELS,
-    TrainConfig,
-)
+from mnist_flax.config import DIGIT_SIZE, MODELS, TrainConfig
 from mnist_flax.convolutions import resolve_conv_impl
 from mnist_flax.model import resolve_resize
 
@@ -580,7 +575,7 @@ def format_report(results: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# The command line.
+# The run.
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -622,7 +617,7 @@ def keras_backend_here(backends: Sequence[str]) -> str | None:
 # What a process of its own runs: `run_in_own_process` passes the options and results files.
 _CHILD = (
     "import sys; from mnist_flax import runtime; runtime.quiet_libraries(); "
-    "from mnist_flax import benchmark; benchmark.run_child(*sys.argv[1:])"
+    "from mnist_flax.benchmark import protocol; protocol.run_child(*sys.argv[1:])"
 )
 
 

@@ -7,7 +7,7 @@ them once: 70,000 digits through the backbone, as in the real job. Each run gets
 (no cached features, and by default no compiled steps either). Prints one line per run and writes
 the rows to `--json`:
 
-    python benchmarks/full_size_job.py --weights ../shared/weights/FILE.h5 \\
+    python scripts/full_size_job.py --weights ../shared/weights/FILE.h5 \\
         --mnist-dir ../shared/data/mnist --runs 1 --json full_size.json
 """
 

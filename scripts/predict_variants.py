@@ -16,7 +16,7 @@ Accuracy, not timing. Train the run on digits the variants do not use, e.g. (doc
     mnist-flax train --weights ../shared/weights/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5 \\
       --data-dir ../shared/data/mnist --train-split "test[:8000]" --test-split "test[8000:]" \\
       --workdir /tmp/run21
-    python benchmarks/predict_variants.py --workdir /tmp/run21 --data-dir ../shared/data/mnist \\
+    python scripts/predict_variants.py --workdir /tmp/run21 --data-dir ../shared/data/mnist \\
       --split "test[8000:]" --count 250 --out /tmp/variants
 """
 

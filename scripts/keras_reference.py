@@ -13,7 +13,7 @@ epoch. One mode a command:
   end-to-end `fit`, only cheaper. `--show-order` also shows which order `fit` feeds the examples
   in, epoch after epoch.
 - `--model notebook`: the Keras notebook's own model trained end to end exactly as the notebook
-  does (`benchmark_subjects.keras_classifier(model="notebook")`: InputLayer((28, 28, 1)),
+  does (`benchmark.subjects.keras_classifier(model="notebook")`: InputLayer((28, 28, 1)),
   UpSampling2D(--image-size / 28), Conv2D(3, (3, 3), "same", relu), the frozen MobileNetV2,
   GlobalAveragePooling2D, Dense(10, softmax); `compile(optimizer="adam",
   loss="categorical_crossentropy")`, i.e. constant Adam 1e-3; `fit(batch_size=32, shuffle=True)`)
@@ -40,12 +40,12 @@ notebook mode's 28x28 digits are small). Examples, on the split of docs/results.
     DATA=(--weights $W --data-dir ../shared/data/mnist \\
           --train-split "test[:8000]" --test-split "test[8000:]")
     # Head training on Keras' and on our features (docs/results.md's 96x96 comparison):
-    python benchmarks/keras_reference.py "${DATA[@]}" --image-size 96 --seeds 0 1 2 3 4 --show-order
+    python scripts/keras_reference.py "${DATA[@]}" --image-size 96 --seeds 0 1 2 3 4 --show-order
     # The Keras notebook's model, end to end, 10 epochs at 224 px:
-    python benchmarks/keras_reference.py "${DATA[@]}" --model notebook --epochs 10 --seeds 0 1 2 \\
+    python scripts/keras_reference.py "${DATA[@]}" --model notebook --epochs 10 --seeds 0 1 2 \\
         --json keras-notebook.json
     # Frozen stage, then fine-tuning from block 13 for 5 epochs at 1e-4:
-    python benchmarks/keras_reference.py "${DATA[@]}" --image-size 96 --epochs 10 \\
+    python scripts/keras_reference.py "${DATA[@]}" --image-size 96 --epochs 10 \\
         --fine-tune-epochs 5 --fine-tune-from 13 --fine-tune-learning-rate 1e-4 --seeds 0 1 2 \\
         --json keras-fine-tune.json
 """
@@ -67,7 +67,7 @@ import numpy as np
 from flax import nnx
 
 from mnist_flax import convert, input_pipeline
-from mnist_flax.benchmark_subjects import NUM_CLASSES, keras_classifier
+from mnist_flax.benchmark.subjects import NUM_CLASSES, keras_classifier
 from mnist_flax.config import (
     DIGIT_SIZE,
     FINE_TUNE_STAGE,

@@ -1,15 +1,15 @@
 """The tutorial's job in Keras, for whole-process comparisons with `mnist-flax train`.
 
 Builds the tutorial's model (ImageNet MobileNetV2 frozen, GlobalAveragePooling2D, Dense(10,
-softmax), Adam, categorical cross-entropy: `benchmark_subjects.keras_classifier`, the benchmark's
+softmax), Adam, categorical cross-entropy: `benchmark.subjects.keras_classifier`, the benchmark's
 Keras baseline) in Keras 3 on `--backend` (tensorflow, or jax: the notebook as a JAX user would run
 it, `KERAS_BACKEND=jax`), feeds it the same tf.data images as this project (`input_pipeline`: RGB,
 resized, in [-1, 1]; with `--model notebook` the notebook's own model on 28x28 digits in [0, 1])
 and runs `model.fit` with the test split as validation data. Time the whole process, imports
-included, e.g. the one-epoch job of docs/benchmarks.md (`benchmarks/whole_process_rounds.sh` runs
+included, e.g. the one-epoch job of docs/benchmarks.md (`scripts/whole_process_rounds.sh` runs
 it round after round beside ours):
 
-    /usr/bin/time -f "%e s" python benchmarks/keras_tutorial_job.py --backend jax \\
+    /usr/bin/time -f "%e s" python scripts/keras_tutorial_job.py --backend jax \\
         --weights ../shared/weights/FILE.h5 --data-dir ../shared/data/mnist \\
         --train-split "test[:1024]" --test-split "test[9744:]" --epochs 1
 """
@@ -20,13 +20,14 @@ import argparse
 import time
 
 from mnist_flax import input_pipeline
-from mnist_flax.benchmark_subjects import (
+from mnist_flax.benchmark.flags import KERAS_BACKENDS
+from mnist_flax.benchmark.subjects import (
     NUM_CLASSES,
     import_keras,
     keras_classifier,
     keras_environment,
 )
-from mnist_flax.config import KERAS_BACKENDS, MODELS
+from mnist_flax.config import MODELS
 
 
 def images_and_one_hot(args: argparse.Namespace, split: str):

@@ -2,12 +2,12 @@
 # Whole processes, round after round: ours against Keras 3 on TensorFlow and on its JAX backend,
 # for docs/benchmarks.md's table "the tutorial's job and the notebook's model, whole processes".
 #
-#   benchmarks/whole_process_rounds.sh [OUT_DIR]      (default: a new folder under runs/)
+#   scripts/whole_process_rounds.sh [OUT_DIR]      (default: a new folder under runs/)
 #
 # Each round runs, in this order, every job once, each a fresh process timed from start to exit:
 #   the tutorial's job (one epoch of 1,024 digits at 224 px, the last 256 test digits as
 #   validation): ours' first run (a new --feature-cache folder: features computed), ours' second
-#   run (the same folder: features loaded), then benchmarks/keras_tutorial_job.py on tensorflow
+#   run (the same folder: features loaded), then scripts/keras_tutorial_job.py on tensorflow
 #   and on jax (`model.fit` over the same tf.data images);
 #   the notebook's model (one epoch of 512 digits, the same validation digits): ours
 #   (`--model notebook`), then Keras on tensorflow and on jax (`model.fit` on x / 255).
@@ -42,7 +42,7 @@ for path in "$WEIGHTS" "$DATA_DIR"; do
 done
 
 ours() { "$PY" -m mnist_flax train "$@" --quiet; }
-keras() { "$PY" "$ROOT/benchmarks/keras_tutorial_job.py" "$@"; }
+keras() { "$PY" "$ROOT/scripts/keras_tutorial_job.py" "$@"; }
 
 # job side round command...: runs the command, appends its wall time to rounds.tsv.
 timed() {

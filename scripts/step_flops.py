@@ -1,7 +1,7 @@
 """What each training setup compiles: the train step's FLOPs over the forward pass's (XLA's cost analysis).
 
-    python benchmarks/step_flops.py               # 224 px, alpha 1, batch 32 (docs/benchmarks.md)
-    python benchmarks/step_flops.py --image-size 96
+    python scripts/step_flops.py               # 224 px, alpha 1, batch 32 (docs/benchmarks.md)
+    python scripts/step_flops.py --image-size 96
 
 Measured on the CPU path's arithmetic (`--conv-impl cpu`) as one straight graph (batch_chunk 0): the
 cost analysis counts a loop body once, and counts the XLA path's depthwise-kernel gradient as a
@@ -14,9 +14,9 @@ import jax
 import numpy as np
 from flax import nnx
 
+from mnist_flax.build import create_model
 from mnist_flax.config import FINE_TUNE_STAGE, FROZEN_STAGE, TrainConfig
 from mnist_flax.freezing import make_optimizer
-from mnist_flax.model import create_model
 from mnist_flax.steps import StepRunner, make_metrics
 
 # name -> (model, fine-tune-from, stage)
@@ -42,7 +42,7 @@ def flops(model_name: str, fine_tune_from: str | None, stage: str, image_size: i
     )
     config.validate()
     model = create_model(config, 10)
-    model.backbone.batch_chunk = 0
+    model.batch_chunk = 0
     optimizer = make_optimizer(model, 1e-3, stage=stage)
     steps = StepRunner(model, optimizer, make_metrics(), stage=stage)
     side, channels = (28, 1) if model.adapter is not None else (image_size, 3)

@@ -2,7 +2,7 @@
 # The accelerator run: this project against Keras 3 on its JAX backend, on the GPU or TPU of this
 # machine, in one command and under 8 minutes of device time, installs included.
 #
-#   benchmarks/accelerator.sh [OUT_DIR] [--dry-run] [--weights FILE] [--data-dir DIR] [--only STEP...]
+#   scripts/accelerator.sh [OUT_DIR] [--dry-run] [--weights FILE] [--data-dir DIR] [--only STEP...]
 #
 # OUT_DIR defaults to $OUT. The steps, in order, each under a time limit, each writing its own
 # files into OUT_DIR before the next starts (a failing step loses nothing before it):
@@ -18,7 +18,7 @@
 #                        host and device), against Keras on JAX on the same device
 #                        (--keras-baseline jax): bench-MODEL-BATCH.json and .log
 #
-# then table.md, everything in markdown (benchmarks/accelerator_report.py; printed too). Every step
+# then table.md, everything in markdown (scripts/accelerator_report.py; printed too). Every step
 # also leaves STEP.status.json (ok, failed, timed out or skipped; seconds; last line). The whole run
 # stops starting steps at MNIST_FLAX_DEADLINE seconds (default 450) and cuts each step at its own
 # limit, so it ends within the budget even when a step hangs; what did not run says so in the table.
@@ -263,7 +263,7 @@ fi
 # ------------------------------------------------------------------------------------------------
 # The run: every step in turn, each under its limit, then the table.
 
-record() { "$PY" "$ROOT/benchmarks/accelerator_report.py" status "$OUT_DIR" "$@"; }
+record() { "$PY" "$ROOT/scripts/accelerator_report.py" status "$OUT_DIR" "$@"; }
 
 for step in "${ONLY[@]}"; do
   case " ${STEPS[*]} " in
@@ -303,5 +303,5 @@ for step in "${STEPS[@]}"; do
     [ "$step" = environment ] && environment_ok=0
   fi
 done
-"$PY" "$ROOT/benchmarks/accelerator_report.py" table "$OUT_DIR" "${STEPS[@]}"
+"$PY" "$ROOT/scripts/accelerator_report.py" table "$OUT_DIR" "${STEPS[@]}"
 exit $failed

@@ -1,7 +1,7 @@
-"""The accelerator run's bookkeeping (`benchmarks/accelerator.sh`): each step's status, and the table.
+"""The accelerator run's bookkeeping (`scripts/accelerator.sh`): each step's status, and the table.
 
-    python benchmarks/accelerator_report.py status OUT_DIR STEP EXIT_STATUS SECONDS COMMAND
-    python benchmarks/accelerator_report.py table OUT_DIR STEP...
+    python scripts/accelerator_report.py status OUT_DIR STEP EXIT_STATUS SECONDS COMMAND
+    python scripts/accelerator_report.py table OUT_DIR STEP...
 
 `status` writes OUT_DIR/STEP.status.json: how the step ended ("ok"; "failed" with its exit status;
 "timed out"; "skipped" with why, EXIT_STATUS -1 and the reason as COMMAND), how long it took and
