@@ -332,15 +332,15 @@ def test_a_process_started_alone_stops_with_one_line_after_the_timeout(
     assert_left_as_it_was(workdir)
 
 
-# `mnist-flax train`, made to hang before the step the test names (a process stuck in a slow file
-# system, a deadlock): it prints "stalling" there. Every process prints "replicating" before it
+# `mnist-flax train`, made to hang before the step the test names as `module.name` (a process stuck
+# in a slow file system, a deadlock): it prints "stalling" there. Every process prints "replicating" before it
 # places the model's state, the first collective after the meeting at the workdir lock.
 STALLING_TRAIN = """
 import sys, time
 from mnist_flax import runtime
 
 runtime.quiet_libraries()
-from mnist_flax import cli, parallel, train
+from mnist_flax import cli, housekeeping, parallel, train
 
 stall_before, argv = sys.argv[1], sys.argv[2:]
 
@@ -351,7 +351,8 @@ def stall(*args, **kwargs):
 
 
 if stall_before != "nothing":
-    setattr(train, stall_before, stall)
+    module, name = stall_before.split(".")
+    setattr({"housekeeping": housekeeping, "train": train}[module], name, stall)
 replicate = parallel.replicate
 
 
@@ -366,7 +367,7 @@ sys.exit(cli.main(argv))
 
 
 def start_a_pair(tmp_path, idx_dir, *, stall_before: str, timeout_s: float):
-    """Processes 0 and 1 of a run; process 1 hangs before `stall_before` (a name in train.py)."""
+    """Processes 0 and 1 of a run; process 1 hangs before `stall_before` (`module.name`)."""
     workdir = a_workdir_with_a_file(tmp_path)
     port = free_port()
     processes = [
@@ -396,7 +397,7 @@ def test_a_process_that_does_not_reach_the_workdir_lock_is_named_after_the_timeo
     tmp_path, idx_dir
 ):
     (first, second), workdir = start_a_pair(
-        tmp_path, idx_dir, stall_before="_warn_about_overlaps", timeout_s=3
+        tmp_path, idx_dir, stall_before="housekeeping.warn_about_overlaps", timeout_s=3
     )
     try:
         read_until(second, "stalling")
@@ -431,7 +432,7 @@ def test_a_stop_request_ends_a_process_waiting_in_a_collective_at_once(
     """With the timeout far off, process 0 waits inside XLA for process 1, which hangs after the
     meeting; a stop request ends it at once, with one line, and releases the workdir's lock."""
     (first, second), workdir = start_a_pair(
-        tmp_path, idx_dir, stall_before="create_model", timeout_s=600
+        tmp_path, idx_dir, stall_before="train.create_model", timeout_s=600
     )
     try:
         read_until(second, "stalling")
