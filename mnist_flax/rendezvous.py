@@ -5,22 +5,23 @@ distributed runtime (`join`: every process registers with the coordinator, proce
 process 0 decides for all what only one may do, such as taking the workdir's lock (`meet`, for
 `parallel.decided_by_process_0`). Each wait ends after `--distributed-timeout` seconds with one
 line that names the processes that did not arrive, instead of lasting forever. A meeting goes
-through the coordination service's key-value store rather than an XLA collective, which would
-only hang: once it is over, every process is known to be there for the collectives that follow
+through the coordination service's key-value store rather than an XLA collective, which cannot
+time out: once it is over, every process is known to be there for the collectives that follow
 (the replicated state, every train step).
 
 From `join` on, a SIGTERM (what a scheduler's cancel sends first) or a second Ctrl-C ends the
 process at once with one line, exit status 143 or 130, even while it waits inside XLA for a
-process that is gone (`_StopWatch`); the workdir locks it holds are released first. (The first
-Ctrl-C of a training run asks the epoch loop to stop after the batch: train.py.) JAX's
-preemption service is turned off: its SIGTERM handler kept SIGTERM from ending the process, for
-preemption sync points this project does not use. A process that gave up waiting exits without
-JAX's shutdown, whose barrier would wait for the missing process once more.
+process that is gone (`_end_at_once_on_stop_requests`); the workdir locks it holds are released
+first. (The first Ctrl-C of a training run asks the epoch loop to stop after the batch:
+`housekeeping.stop_on_ctrl_c`.) JAX's preemption service is turned off: its SIGTERM handler kept
+SIGTERM from ending the process, for preemption sync points this project does not use. A process
+that gave up waiting exits without JAX's shutdown, whose barrier would wait for the missing
+process once more.
 
 jaxlib 0.12.1 workaround (`_same_program_on_every_process`): there a collective's processes meet
 only if their executables have the same fingerprint, and the fingerprint covers the Python call
-stack that JAX records in the program (source locations); 0.12.0 and older meet regardless.
-docs/design.md ("Several devices and hosts") has the cause and the reproducer.
+stack that JAX records in the program (source locations); jaxlib 0.12.0 and older meet regardless.
+docs/design.md ("Several devices and hosts") has the cause and the evidence.
 """
 
 from __future__ import annotations
@@ -36,11 +37,8 @@ import time
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from jax._src import distributed as jax_distributed
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax._src.lib import version as jaxlib_version  # a tuple of ints
 
 from mnist_flax import workdir_lock
 from mnist_flax.config import DISTRIBUTED_TIMEOUT_S
@@ -56,7 +54,9 @@ _JAX_JOIN_MARGIN_S = 60
 _timeout_s = DISTRIBUTED_TIMEOUT_S  # this run's, set by `join`
 # Meetings are numbered in the order each process holds them: the same on every process.
 _meetings = itertools.count()
-_connected = False  # whether `_first_collective` ran
+# The signals' wakeup descriptor and its reading end (`_end_at_once_on_stop_requests`), kept open
+# while the process runs.
+_stop_requests: tuple[socket.socket, socket.socket] | None = None
 
 
 class NotArrived(ValueError):
@@ -68,7 +68,7 @@ def join(
     num_processes: int | None = None,
     process_id: int | None = None,
     *,
-    timeout_s: float = DISTRIBUTED_TIMEOUT_S,
+    timeout_s: float,
 ) -> None:
     """`jax.distributed.initialize`, given up after `timeout_s` seconds with NotArrived.
 
@@ -79,7 +79,7 @@ def join(
     _timeout_s = timeout_s
     _same_program_on_every_process()
     jax.config.update("jax_enable_preemption_service", False)
-    _StopWatch.start()
+    _end_at_once_on_stop_requests()
     joined = threading.Event()
     failed: list[BaseException] = []
 
@@ -98,7 +98,8 @@ def join(
     # The main thread waits in Python, where Ctrl-C reaches it; JAX waits in its own thread.
     threading.Thread(target=connect, name="mnist-flax join", daemon=True).start()
     if not _wait_until(joined.is_set, timeout_s):
-        raise _gave_up(_not_joined(coordinator_address, num_processes, process_id, timeout_s))
+        _exit_without_jax_shutdown(EXIT_NOT_ARRIVED)
+        raise NotArrived(_not_joined(coordinator_address, num_processes, process_id, timeout_s))
     if failed:
         raise failed[0]
 
@@ -122,42 +123,20 @@ def meet(subject: str, announcement: str | None = None, *, leaving: bool = False
     client.key_value_set(keys + f"arrived/{me}", "")
     found: dict[str, str] = {}
 
-    def arrived() -> set[int]:
-        return {int(key.rsplit("/", 1)[1]) for key in found if key.startswith(keys + "arrived/")}
-
-    def ready() -> bool:
+    def arrived() -> list[int]:
         found.clear()
         found.update(client.key_value_dir_get(keys))
-        return len(arrived()) == count or keys + "leaving" in found
+        return [int(key.rsplit("/", 1)[1]) for key in found if key.startswith(keys + "arrived/")]
 
-    if not _wait_until(ready, _timeout_s):
-        missing = [index for index in range(count) if index not in arrived()]
-        raise _gave_up(
+    if not _wait_until(lambda: len(arrived()) == count or keys + "leaving" in found, _timeout_s):
+        missing = sorted(set(range(count)) - set(arrived()))
+        _exit_without_jax_shutdown(EXIT_NOT_ARRIVED)
+        raise NotArrived(
             f"process {me} of {count} waited {_timeout_s:g} s (--distributed-timeout) {subject} "
-            f"for {_processes(missing)}, which did not arrive; see {_their(missing)} output, or "
-            "raise --distributed-timeout"
+            f"for {_processes(missing)}, which did not arrive; see the output of "
+            f"{_processes(missing)}, or raise --distributed-timeout"
         )
-    _first_collective()
     return found[keys + "announced"]
-
-
-def _first_collective() -> None:
-    """A sum over every device of every process, once, right after every process arrived.
-
-    XLA:CPU connects the processes' gloo collectives at their first collective and gives up after
-    30 s; left to the first train step, it would wait for the slowest process to build its model.
-    """
-    global _connected
-    if _connected:
-        return
-    mesh = Mesh(np.asarray(jax.devices()), ("all",))
-    ones = jax.make_array_from_process_local_data(
-        NamedSharding(mesh, P("all")), np.ones(jax.local_device_count(), np.int32)
-    )
-    total = int(jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))(ones))
-    if total != jax.device_count():
-        raise RuntimeError(f"the first collective summed {total} of {jax.device_count()} devices")
-    _connected = True
 
 
 def _wait_until(done: Callable[[], bool], timeout_s: float) -> bool:
@@ -175,14 +154,15 @@ def _wait_until(done: Callable[[], bool], timeout_s: float) -> bool:
             time.sleep(min(pause, left))
             pause = min(2 * pause, 0.5)
     except KeyboardInterrupt:
-        _gave_up("", status=EXIT_CTRL_C)
+        _exit_without_jax_shutdown(EXIT_CTRL_C)
         raise
     return True
 
 
-def _gave_up(message: str, *, status: int = EXIT_NOT_ARRIVED) -> NotArrived:
-    """The error to raise for a wait given up; the process will then exit with `status`, skipping
-    JAX's shutdown (registered last, this exit handler runs before every other)."""
+def _exit_without_jax_shutdown(status: int) -> None:
+    """Makes the process exit with `status` once its error line is out, before JAX's shutdown,
+    whose barrier would wait for the missing process once more (registered last, this exit
+    handler runs before every other)."""
 
     def exit_now() -> None:
         for stream in (sys.stdout, sys.stderr):
@@ -190,7 +170,6 @@ def _gave_up(message: str, *, status: int = EXIT_NOT_ARRIVED) -> NotArrived:
         os._exit(status)
 
     atexit.register(exit_now)
-    return NotArrived(message)
 
 
 def _not_joined(
@@ -211,7 +190,7 @@ def _not_joined(
     if process_id == 0:
         return (
             f"process 0 of {num_processes} {waited} for {_processes(others)} to join {at}; start "
-            f"{_them(others)} with the same --coordinator-address and --num-processes "
+            f"{_processes(others)} with the same --coordinator-address and --num-processes "
             f"{num_processes}"
         )
     if not _reachable(coordinator_address):
@@ -222,7 +201,7 @@ def _not_joined(
     others.remove(0)
     return (
         f"process {process_id} of {num_processes} {waited} to join {at}: process 0 answers, but "
-        f"not all of {_processes(others)} joined; start {_them(others)} with the same "
+        f"not all of {_processes(others)} joined; start {_processes(others)} with the same "
         f"--coordinator-address and --num-processes {num_processes}"
     )
 
@@ -242,14 +221,6 @@ def _processes(indices: list[int]) -> str:
     return f"processes {', '.join(map(str, indices))}"
 
 
-def _them(indices: list[int]) -> str:
-    return "it" if len(indices) == 1 else "them"
-
-
-def _their(indices: list[int]) -> str:
-    return "its" if len(indices) == 1 else "their"
-
-
 def _same_program_on_every_process() -> None:
     """Keeps the Python call stack out of compiled programs, where jaxlib 0.12.1 needs it out.
 
@@ -260,54 +231,40 @@ def _same_program_on_every_process() -> None:
     other forever. With no stack recorded the programs are equal; keying the cache on what is
     recorded keeps out entries compiled before this setting.
     """
-    if _jaxlib_version() < (0, 12, 1):
-        return
-    jax.config.update("jax_traceback_in_locations_limit", 0)
-    jax.config.update("jax_compilation_cache_include_metadata_in_key", True)
+    if tuple(jaxlib_version) >= (0, 12, 1):
+        jax.config.update("jax_traceback_in_locations_limit", 0)
+        jax.config.update("jax_compilation_cache_include_metadata_in_key", True)
 
 
-def _jaxlib_version() -> tuple[int, ...]:
-    from jax._src.lib import version  # jaxlib's, as a tuple of ints
-
-    return tuple(version)
-
-
-class _StopWatch:
-    """Ends the process at once on SIGTERM or on a second Ctrl-C, wherever its main thread is.
+def _end_at_once_on_stop_requests() -> None:
+    """From here on SIGTERM, or a second Ctrl-C, ends the process at once, wherever it waits.
 
     Python runs a signal's handler in the main thread between two bytecodes, never while that
     thread waits inside XLA (a collective whose other process is gone). Python's own C-level
     handler also writes the signal's number to the wakeup file descriptor, at once; a thread
     reading it releases the workdir locks this process holds, prints the line and exits.
     """
+    global _stop_requests
+    if _stop_requests is not None or threading.current_thread() is not threading.main_thread():
+        return
+    _stop_requests = reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    # A handler of Python's own, so that SIGTERM reaches the wakeup descriptor.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    threading.Thread(target=_watch, args=(reader,), name="mnist-flax stop", daemon=True).start()
 
-    _sockets: tuple[socket.socket, socket.socket] | None = None  # kept open while the process runs
 
-    @classmethod
-    def start(cls) -> None:
-        if cls._sockets is not None or threading.current_thread() is not threading.main_thread():
-            return
-        cls._sockets = reader, writer = socket.socketpair()
-        writer.setblocking(False)
-        signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
-        # A handler of Python's own, so that SIGTERM reaches the wakeup descriptor; the thread
-        # below acts on it.
-        signal.signal(signal.SIGTERM, lambda signum, frame: None)
-        threading.Thread(
-            target=cls._watch, args=(reader,), name="mnist-flax stop", daemon=True
-        ).start()
-
-    @staticmethod
-    def _watch(reader: socket.socket) -> None:
-        interrupts = 0
-        while True:
-            for number in reader.recv(64):
-                if number == signal.SIGTERM:
-                    _end_at_once("SIGTERM", EXIT_SIGTERM)
-                if number == signal.SIGINT:
-                    interrupts += 1
-                    if interrupts >= 2:
-                        _end_at_once("a second Ctrl-C", EXIT_CTRL_C)
+def _watch(reader: socket.socket) -> None:
+    interrupts = 0
+    while True:
+        for number in reader.recv(64):
+            if number == signal.SIGTERM:
+                _end_at_once("SIGTERM", EXIT_SIGTERM)
+            if number == signal.SIGINT:
+                interrupts += 1
+                if interrupts >= 2:
+                    _end_at_once("a second Ctrl-C", EXIT_CTRL_C)
 
 
 def _end_at_once(cause: str, status: int) -> None:
@@ -322,8 +279,11 @@ def _end_at_once(cause: str, status: int) -> None:
 
 def _flush_within(seconds: float) -> None:
     """Flushes what this process printed, unless the main thread holds a stream's lock."""
-    flusher = threading.Thread(
-        target=lambda: [stream.flush() for stream in (sys.stdout, sys.stderr)], daemon=True
-    )
+
+    def flush() -> None:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+
+    flusher = threading.Thread(target=flush, daemon=True)
     flusher.start()
     flusher.join(seconds)

@@ -259,7 +259,7 @@ def test_collectives_meet_whatever_the_call_site(tmp_path):
     A plain JAX run (on one line in both processes, which any JAX runs) fills the compilation
     cache. Then, joined as this project joins, process 0 traces the collective on that line, where
     it finds the plain run's entry (its key leaves the call stack out), and process 1 on another
-    line, where it compiles (the other processes never find entries there).
+    line, where it compiles (JAX writes entries from process 0 only, under keys of its own).
     """
     for join, lines in (("plain", "aa"), ("project", "ab")):
         port = str(free_port())
@@ -322,8 +322,8 @@ def test_a_process_started_alone_stops_with_one_line_after_the_timeout(
     assert result.returncode == 2, result.stderr[-3000:]
     waited = "waited 2 s (--distributed-timeout) for"
     expected = (
-        f"error: process 0 of 2 {waited} process 1 to join at 127.0.0.1:{port}; start it with "
-        "the same --coordinator-address and --num-processes 2"
+        f"error: process 0 of 2 {waited} process 1 to join at 127.0.0.1:{port}; start process 1 "
+        "with the same --coordinator-address and --num-processes 2"
         if process_id == 0
         else f"error: process 1 of 2 {waited} process 0, the coordinator, at 127.0.0.1:{port}, "
         "which does not answer; start it there, or check --coordinator-address"
@@ -333,8 +333,8 @@ def test_a_process_started_alone_stops_with_one_line_after_the_timeout(
 
 
 # `mnist-flax train`, made to hang before the step the test names as `module.name` (a process stuck
-# in a slow file system, a deadlock): it prints "stalling" there. Every process prints "replicating" before it
-# places the model's state, the first collective after the meeting at the workdir lock.
+# in a slow file system, a deadlock): it prints "stalling" there. Every process prints "replicating"
+# before it places the model's state, the first collective after the meeting at the workdir lock.
 STALLING_TRAIN = """
 import sys, time
 from mnist_flax import runtime
@@ -408,7 +408,8 @@ def test_a_process_that_does_not_reach_the_workdir_lock_is_named_after_the_timeo
     assert first.returncode == 2, err[-3000:]
     assert err.splitlines() == [
         "error: process 0 of 2 waited 3 s (--distributed-timeout) at the workdir lock for "
-        "process 1, which did not arrive; see its output, or raise --distributed-timeout"
+        "process 1, which did not arrive; see the output of process 1, or raise "
+        "--distributed-timeout"
     ]
     assert_left_as_it_was(workdir)  # process 0 took the lock, and released it
 
