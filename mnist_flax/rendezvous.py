@@ -268,9 +268,12 @@ def _watch(reader: socket.socket) -> None:
 
 
 def _end_at_once(cause: str, status: int) -> None:
+    # From JAX's own record: during the join, `jax.process_count()` would start the backend, which
+    # asks the coordinator for what it does not have yet and aborts the process.
+    state = jax_distributed.global_state
     who = ""
-    if jax_distributed.global_state.client is not None:
-        who = f" (process {jax_distributed.global_state.process_id} of {jax.process_count()})"
+    if state.client is not None:
+        who = f" (process {state.process_id} of {state.num_processes})"
     workdir_lock.release_held()
     _flush_within(1.0)
     os.write(2, f"stopped at once by {cause}{who}\n".encode())

@@ -332,6 +332,50 @@ def test_a_process_started_alone_stops_with_one_line_after_the_timeout(
     assert_left_as_it_was(workdir)
 
 
+@pytest.mark.parametrize(
+    ("number", "status", "line"),
+    [
+        (signal.SIGTERM, 143, "stopped at once by SIGTERM (process 0 of 2)"),
+        (signal.SIGINT, 130, "interrupted"),
+    ],
+    ids=["SIGTERM", "Ctrl-C"],
+)
+def test_a_stop_request_ends_a_process_waiting_to_join_at_once(
+    tmp_path, idx_dir, number, status, line
+):
+    """Process 0 alone, the timeout far off, waits for process 1 to join (its coordinator port
+    answers); a stop request ends it at once with one line (Ctrl-C: there the main thread waits
+    in Python, so the first one is enough)."""
+    workdir = a_workdir_with_a_file(tmp_path)
+    port = free_port()
+    command = train_command(workdir, port, 0, timeout_s=600)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mnist_flax", *command, "--data-dir", str(idx_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while process.poll() is None and time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        time.sleep(1)  # well inside the join
+        start = time.monotonic()
+        process.send_signal(number)
+        _, err = process.communicate(timeout=30)
+        seconds = time.monotonic() - start
+    finally:
+        process.kill()
+    assert process.returncode == status, err[-3000:]
+    assert err.splitlines() == [line]
+    assert seconds < 5
+    assert_left_as_it_was(workdir)
+
+
 # `mnist-flax train`, made to hang before the step the test names as `module.name` (a process stuck
 # in a slow file system, a deadlock): it prints "stalling" there. Every process prints "replicating"
 # before it places the model's state, the first collective after the meeting at the workdir lock.
