@@ -4,10 +4,14 @@
 2.21 writes its oneDNN notice and absl's "All log messages before absl::InitializeLog()" line to
 stderr even with `TF_CPP_MIN_LOG_LEVEL` set, unless its oneDNN custom operations are off
 (`TF_ENABLE_ONEDNN_OPTS=0`); this project uses TensorFlow for tf.data only (no TensorFlow matmul or
-convolution), so they do nothing for it. Orbax's absl warnings (a read-only checkpoint directory
-when evaluating) are held back too. Environment variables a user set are left as they are.
+convolution), so they do nothing for it. Its errors are held back too (`TF_CPP_MIN_LOG_LEVEL=3`):
+the full build that `tensorflow` installs logs "failed call to cuInit" on a machine without a GPU
+driver the first time it lists its devices, and TensorFlow's errors that matter to tf.data reach
+Python as exceptions. Orbax's absl warnings (a read-only checkpoint directory when evaluating) are
+held back too. Environment variables a user set are left as they are.
 
-`import_tensorflow` imports TensorFlow without the Keras import its `__init__` makes (below).
+`import_tensorflow` imports TensorFlow without the Keras import its `__init__` makes and keeps it
+off the GPUs, which are JAX's (below).
 
 `enable_compilation_cache` turns on JAX's persistent compilation cache, so that a second run of the
 same command (or a resumed run) loads its compiled steps instead of compiling them again. It lives
@@ -16,6 +20,7 @@ in the per-user `cache_home()`, beside the cached features `feature_cache.py` ke
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib
 import logging
@@ -24,7 +29,7 @@ import pathlib
 import sys
 
 # Anything the user set wins (setdefault).
-QUIET_ENVIRONMENT = {"TF_ENABLE_ONEDNN_OPTS": "0", "TF_CPP_MIN_LOG_LEVEL": "2"}
+QUIET_ENVIRONMENT = {"TF_ENABLE_ONEDNN_OPTS": "0", "TF_CPP_MIN_LOG_LEVEL": "3"}
 
 
 def quiet_libraries() -> None:
@@ -54,15 +59,25 @@ def import_tensorflow():
     (docs/benchmarks.md, "Start-up"). `keras` is hidden while TensorFlow loads and nothing else: a later
     `import keras` (or `tf.keras`) loads it as usual. Where Keras or TensorFlow is loaded already,
     this is a plain import.
+
+    TensorFlow is then kept off the GPUs (`tf.config.set_visible_devices([], "GPU")`, as Flax's
+    examples do): it would otherwise take most of their memory, which JAX needs. Its pip builds
+    cannot load a TPU's libtpu at all. Where TensorFlow has set its devices up already (a notebook
+    that used it first), they are left as they are.
     """
     if "tensorflow" in sys.modules or "keras" in sys.modules:
-        return importlib.import_module("tensorflow")
-    sys.modules["keras"] = None  # `import keras` raises ImportError while this is here
-    try:
-        return importlib.import_module("tensorflow")
-    finally:
-        if sys.modules.get("keras", 0) is None:
-            del sys.modules["keras"]
+        tf = importlib.import_module("tensorflow")
+    else:
+        sys.modules["keras"] = None  # `import keras` raises ImportError while this is here
+        try:
+            tf = importlib.import_module("tensorflow")
+        finally:
+            if sys.modules.get("keras", 0) is None:
+                del sys.modules["keras"]
+    # RuntimeError: "Visible devices cannot be modified after being initialized".
+    with contextlib.suppress(RuntimeError):
+        tf.config.set_visible_devices([], "GPU")
+    return tf
 
 
 def cache_home() -> pathlib.Path:

@@ -130,6 +130,17 @@ def test_the_training_code_loads_tensorflow_without_keras_and_keras_still_loads_
     assert _fresh_python(code).split() == ["True", "False", "True"]
 
 
+def test_the_training_code_keeps_tensorflow_off_the_gpus():
+    """`runtime.import_tensorflow` leaves TensorFlow every device but the GPUs (JAX's). TensorFlow's
+    list of visible devices is empty until it is set, so an unset list (no call) shows here too."""
+    code = (
+        "import mnist_flax.train\n"
+        "from tensorflow.python.eager import context\n"
+        "print(sorted({d.device_type for d in context.context()._visible_device_list}))"
+    )
+    assert _fresh_python(code).strip().splitlines()[-1] == "['CPU']"
+
+
 def test_an_invalid_choice_names_the_flag(capsys):
     assert cli.main(["train", "--dtype", "float16"]) == 2
     err = capsys.readouterr().err

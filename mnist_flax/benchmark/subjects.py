@@ -260,9 +260,9 @@ def keras_environment(keras) -> dict[str, str]:
     else:
         import tensorflow as tf
 
-        # The tensorflow-cpu build (this project's dependency on x86-64 Linux) sees no GPU.
+        # This project keeps TensorFlow off the GPUs (`runtime.import_tensorflow`): they are JAX's.
         platform, kind, version = "cpu", "cpu", tf.__version__
-        gpus = tf.config.list_physical_devices("GPU")
+        gpus = tf.config.get_visible_devices("GPU")
         if gpus:
             details = tf.config.experimental.get_device_details(gpus[0])
             platform, kind = "gpu", details.get("device_name", "gpu")
