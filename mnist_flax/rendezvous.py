@@ -13,10 +13,10 @@ From `join` on, a SIGTERM (what a scheduler's cancel sends first) or a second Ct
 process at once with one line, exit status 143 or 130, even while it waits inside XLA for a
 process that is gone (`_end_at_once_on_stop_requests`); the workdir locks it holds are released
 first. (The first Ctrl-C of a training run asks the epoch loop to stop after the batch:
-`housekeeping.stop_on_ctrl_c`.) JAX's preemption service is turned off: its SIGTERM handler kept
-SIGTERM from ending the process, for preemption sync points this project does not use. A process
-that gave up waiting exits without JAX's shutdown, whose barrier would wait for the missing
-process once more.
+`housekeeping.stop_on_ctrl_c`.) JAX's preemption service takes SIGTERM for a handler of its own
+as the process joins (for preemption sync points, which this project does not use); `join` takes
+it back. A process that gave up waiting exits without JAX's shutdown, whose barrier would wait for
+the missing process once more.
 
 jaxlib 0.12.1 workaround (`_same_program_on_every_process`): there a collective's processes meet
 only if their executables have the same fingerprint, and the fingerprint covers the Python call
@@ -78,7 +78,6 @@ def join(
     global _timeout_s
     _timeout_s = timeout_s
     _same_program_on_every_process()
-    jax.config.update("jax_enable_preemption_service", False)
     _end_at_once_on_stop_requests()
     joined = threading.Event()
     failed: list[BaseException] = []
@@ -102,6 +101,7 @@ def join(
         raise NotArrived(_not_joined(coordinator_address, num_processes, process_id, timeout_s))
     if failed:
         raise failed[0]
+    _take_sigterm()  # back from JAX's preemption service, which took it as it joined
 
 
 def meet(subject: str, announcement: str | None = None, *, leaving: bool = False) -> str:
@@ -250,9 +250,14 @@ def _end_at_once_on_stop_requests() -> None:
     _stop_requests = reader, writer = socket.socketpair()
     writer.setblocking(False)
     signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
-    # A handler of Python's own, so that SIGTERM reaches the wakeup descriptor.
-    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    _take_sigterm()
     threading.Thread(target=_watch, args=(reader,), name="mnist-flax stop", daemon=True).start()
+
+
+def _take_sigterm() -> None:
+    """Gives SIGTERM a handler of Python's own, so that it reaches the wakeup descriptor."""
+    if _stop_requests is not None:  # only the main thread sets handlers
+        signal.signal(signal.SIGTERM, lambda signum, frame: None)
 
 
 def _watch(reader: socket.socket) -> None:
