@@ -6,8 +6,9 @@ process 0 decides for all what only one may do, such as taking the workdir's loc
 `parallel.decided_by_process_0`). Each wait ends after `--distributed-timeout` seconds with one
 line that names the processes that did not arrive, instead of lasting forever. A meeting goes
 through the coordination service's key-value store rather than an XLA collective, which cannot
-time out: once it is over, every process is known to be there for the collectives that follow
-(the replicated state, every train step).
+time out: once it is over, every process is known to be there, and the first meeting ends in a
+collective that connects them (`_first_collective`) for those that follow (the replicated state,
+every train step).
 
 From `join` on, a SIGTERM (what a scheduler's cancel sends first) or a second Ctrl-C ends the
 process at once with one line, exit status 143 or 130, even while it waits inside XLA for a
@@ -37,8 +38,12 @@ import time
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from jax._src import distributed as jax_distributed
 from jax._src.lib import version as jaxlib_version  # a tuple of ints
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mnist_flax import workdir_lock
 from mnist_flax.config import DISTRIBUTED_TIMEOUT_S
@@ -54,6 +59,7 @@ _JAX_JOIN_MARGIN_S = 60
 _timeout_s = DISTRIBUTED_TIMEOUT_S  # this run's, set by `join`
 # Meetings are numbered in the order each process holds them: the same on every process.
 _meetings = itertools.count()
+_connected = False  # whether `_first_collective` ran
 # The signals' wakeup descriptor and its reading end (`_end_at_once_on_stop_requests`), kept open
 # while the process runs.
 _stop_requests: tuple[socket.socket, socket.socket] | None = None
@@ -136,7 +142,26 @@ def meet(subject: str, announcement: str | None = None, *, leaving: bool = False
             f"for {_processes(missing)}, which did not arrive; see the output of "
             f"{_processes(missing)}, or raise --distributed-timeout"
         )
+    _first_collective()
     return found[keys + "announced"]
+
+
+def _first_collective() -> None:
+    """A sum over every device of every process, once, right after every process arrived.
+
+    XLA:CPU connects the processes' gloo collectives in their first collective, where a process
+    waits at most 30 s for the others and then fails with a traceback; left to the replicated
+    state, that wait would include the slowest process's model build. Later collectives wait as
+    long as they must.
+    """
+    global _connected
+    if not _connected:
+        mesh = Mesh(np.asarray(jax.devices()), ("all",))
+        ones = jax.make_array_from_process_local_data(
+            NamedSharding(mesh, P("all")), np.ones(jax.local_device_count(), np.int32)
+        )
+        jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))(ones).block_until_ready()
+        _connected = True
 
 
 def _wait_until(done: Callable[[], bool], timeout_s: float) -> bool:

@@ -470,10 +470,11 @@ def test_a_process_that_does_not_reach_the_workdir_lock_is_named_after_the_timeo
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("signals", "status", "line"),
+    ("waited_s", "signals", "status", "line"),
     [
-        ([signal.SIGTERM], 143, "stopped at once by SIGTERM (process 0 of 2)"),
+        (35, [signal.SIGTERM], 143, "stopped at once by SIGTERM (process 0 of 2)"),
         (
+            2,
             [signal.SIGINT, signal.SIGINT],
             130,
             "stopped at once by a second Ctrl-C (process 0 of 2)",
@@ -482,17 +483,21 @@ def test_a_process_that_does_not_reach_the_workdir_lock_is_named_after_the_timeo
     ids=["SIGTERM", "second Ctrl-C"],
 )
 def test_a_stop_request_ends_a_process_waiting_in_a_collective_at_once(
-    tmp_path, idx_dir, signals, status, line
+    tmp_path, idx_dir, waited_s, signals, status, line
 ):
     """With the timeout far off, process 0 waits inside XLA for process 1, which hangs after the
-    meeting; a stop request ends it at once, with one line, and releases the workdir's lock."""
+    meeting; a stop request ends it at once, with one line, and releases the workdir's lock.
+
+    35 s is past the 30 s that gloo's first collective waits for a missing process: process 0
+    still waits, because the processes connected at the meeting (`rendezvous._first_collective`).
+    """
     (first, second), workdir = start_a_pair(
         tmp_path, idx_dir, stall_before="train.create_model", timeout_s=600
     )
     try:
         read_until(second, "stalling")
         read_until(first, "replicating")
-        time.sleep(2)  # well inside the collective
+        time.sleep(waited_s)  # inside the collective
         start = time.monotonic()
         for number in signals:
             first.send_signal(number)
