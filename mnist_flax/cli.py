@@ -94,6 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cluster.add_argument("--num-processes", type=int, default=None)
     cluster.add_argument("--process-id", type=int, default=None, help="0 .. --num-processes - 1")
+    cluster.add_argument(
+        "--distributed-timeout",
+        type=float,
+        default=config.DISTRIBUTED_TIMEOUT_S,
+        metavar="SECONDS",
+        help="how long a process waits for the others to join, and to meet before training, "
+        "before it stops with a line naming those that did not arrive",
+    )
 
     seeds = commands.add_parser(
         "seeds",
@@ -287,7 +295,7 @@ def _train(args: argparse.Namespace) -> None:
     cluster = (args.coordinator_address, args.num_processes, args.process_id)
     if args.distributed or any(value is not None for value in cluster):
         # Before anything else touches JAX: the runtime decides which devices exist.
-        parallel.initialize_distributed(*cluster)
+        parallel.initialize_distributed(*cluster, timeout_s=args.distributed_timeout)
     train.train_and_evaluate(run_config)
 
 

@@ -52,6 +52,9 @@ EVALUATE_CHECKPOINTS = ("auto", "best", "latest")
 # jax.export's serialized StableHLO; and the quantization LiteRT can apply.
 EXPORT_FORMATS = ("keras", "litert", "onnx", "stablehlo")
 EXPORT_QUANTIZATIONS = ("int8",)
+# Seconds a process of a multi-process run waits for the others to join, and at a meeting, before
+# it stops with a line naming those that did not arrive (--distributed-timeout, `rendezvous.py`).
+DISTRIBUTED_TIMEOUT_S = 300.0
 
 
 class ConfigError(ValueError):

@@ -8,7 +8,8 @@ replicated, and XLA inserts the gradient all-reduce where the batch mean needs i
 Beyond one host, JAX's multi-controller runtime runs one copy of the program per host: each process
 reads its own shard of the data and contributes its rows to the global batch. Every process must
 run the same jitted steps in the same order (each step is a collective over all devices), so every
-process steps through the same number of batches, padding its shard where it is shorter.
+process steps through the same number of batches, padding its shard where it is shorter. Joining
+and the processes' meetings, each with a timeout, are `rendezvous.py`'s.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from mnist_flax import rendezvous
+from mnist_flax.config import DISTRIBUTED_TIMEOUT_S
 
 DATA_AXIS = "data"
 # What `decided_by_process_0` tells the other processes when process 0's decision failed.
@@ -39,12 +43,16 @@ def initialize_distributed(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
+    *,
+    timeout_s: float = DISTRIBUTED_TIMEOUT_S,
 ) -> None:
     """Starts JAX's multi-controller runtime; must run before anything touches a device.
 
     With no arguments JAX detects the cluster itself (Cloud TPU pod slices, SLURM, Open MPI, or
     the JAX_COORDINATOR_ADDRESS environment variable); elsewhere every process is given the
     coordinator's `host:port` (process 0 listens there), the process count and its own index.
+    `timeout_s`: how long this process waits for the others to join, and at each meeting
+    (`rendezvous.join`), before it stops with a line naming those that did not arrive.
     """
     manual = (coordinator_address, num_processes, process_id)
     if any(value is not None for value in manual) and None in manual:
@@ -57,30 +65,36 @@ def initialize_distributed(
             f"--process-id {process_id} must be in 0..{num_processes - 1} (--num-processes "
             f"{num_processes})"
         )
+    if not timeout_s > 0:
+        raise DistributedError(
+            f"--distributed-timeout {timeout_s:g} must be a positive number of seconds"
+        )
     if not jax.distributed.is_initialized():
-        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+        rendezvous.join(coordinator_address, num_processes, process_id, timeout_s=timeout_s)
 
 
 def decided_by_process_0(decide: Callable[[], int]) -> int:
     """`decide()` (a count, >= 0) as process 0 computed it, on every process.
 
     For what the processes must agree on and only one may do: take the workdir's lock, choose
-    the checkpoint to resume from, set aside those that do not read. Where process 0 fails, it
-    raises its own error and the others stop with a line pointing at it, instead of waiting in
-    the first collective for a process that left.
+    the checkpoint to resume from, set aside those that do not read. Every process waits here
+    until all have arrived (`rendezvous.meet`: a process missing after the timeout is named in
+    one line). Where process 0 fails, it raises its own error and the others stop with a line
+    pointing at it, instead of waiting in the first collective for a process that left.
     """
     if jax.process_count() == 1:
         return decide()
-    if jax.process_index() == 0:
-        try:
-            value = decide()
-        except BaseException:
-            multihost_utils.broadcast_one_to_all(np.int32(_FAILED))
-            raise
-        return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
-    value = int(multihost_utils.broadcast_one_to_all(np.int32(0)))
-    if value == _FAILED:
-        raise DistributedError("process 0 stopped before training; its error line says why")
+    if jax.process_index() != 0:
+        value = int(rendezvous.meet("at the workdir lock"))
+        if value == _FAILED:
+            raise DistributedError("process 0 stopped before training; its error line says why")
+        return value
+    try:
+        value = decide()
+    except BaseException:
+        rendezvous.meet("at the workdir lock", str(_FAILED), leaving=True)
+        raise
+    rendezvous.meet("at the workdir lock", str(value))
     return value
 
 

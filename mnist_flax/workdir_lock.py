@@ -9,6 +9,9 @@ holder. A lock whose holder is gone (its pid no longer runs on this host) is tak
 so; a holder on another host is never judged from here, so its lock stays until that run ends or
 someone who knows it is gone deletes the file (the message says which).
 
+A process that must end at once (SIGTERM in a multi-process run: `rendezvous.py`) releases the
+locks it holds with `release_held`.
+
 What it cannot see: two hosts that do not share the filesystem's view of the file (two machines
 syncing a folder, not mounting it), and two hosts with the same host name. Reading only (evaluate)
 takes no lock.
@@ -27,6 +30,8 @@ LOCK_FILE = "run.lock"
 # Attempts at the exclusive create: each lost race (a lock taken over or released by another run
 # in between) is one more.
 _ATTEMPTS = 3
+# The locks this process holds now (`release_held`).
+_HELD: set[WorkdirLock] = set()
 
 
 class WorkdirLockedError(ValueError):
@@ -68,6 +73,7 @@ class WorkdirLock:
                 file.flush()
                 os.fsync(file.fileno())
             self._held = mine
+            _HELD.add(self)
             return
         raise WorkdirLockedError(self._in_use(_holder(found) if found else None))
 
@@ -76,6 +82,7 @@ class WorkdirLock:
         if self._held is not None and _read(self.path) == self._held:
             self.path.unlink(missing_ok=True)
         self._held = None
+        _HELD.discard(self)
 
     def _in_use(self, holder: dict | None) -> str:
         who = (
@@ -88,6 +95,12 @@ class WorkdirLock:
             f"for it to end or choose another --workdir (once that run is known to be gone, "
             f"delete {self.path})"
         )
+
+
+def release_held() -> None:
+    """Releases every lock this process holds: for a process about to end without unwinding."""
+    for lock in list(_HELD):
+        lock.release()
 
 
 def _this_process() -> dict:

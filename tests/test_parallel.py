@@ -2,15 +2,19 @@
 
 JAX fixes its device count when the backend starts, so each multi-device or multi-process case
 runs in fresh Python processes (8 devices via XLA_FLAGS, 2 processes via the CLI's
---coordinator-address on the loopback address with JAX's gloo CPU collectives).
+--coordinator-address on the loopback address with JAX's gloo CPU collectives). The processes of a
+multi-process run wait for one another with a timeout, and stop at once when told to
+(`rendezvous.py`): a process alone, a process that hangs, SIGTERM and a second Ctrl-C.
 """
 
 import json
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -140,6 +144,16 @@ def test_shard_batch_and_local_rows_round_trip():
         ["--coordinator-address", "127.0.0.1:1234"],
         ["--num-processes", "2", "--process-id", "0"],
         ["--coordinator-address", "127.0.0.1:1234", "--num-processes", "2", "--process-id", "2"],
+        [
+            "--coordinator-address",
+            "127.0.0.1:1234",
+            "--num-processes",
+            "2",
+            "--process-id",
+            "0",
+            "--distributed-timeout",
+            "0",
+        ],
     ],
 )
 def test_incomplete_multi_process_flags_are_one_clear_error(flags, capsys):
@@ -211,3 +225,289 @@ def test_two_processes_train_like_one(tmp_path):
     # The head must have moved, or equal histories would prove nothing.
     assert abs(one["epochs"][-1]["train_loss"] / one["epochs"][0]["train_loss"] - 1) > 0.01
     assert_same_history(two, one, rel=1e-4, abs=1e-5)
+
+
+# Two processes of a bare JAX program that meet in one collective, which each traces on the line
+# the test says (so compiles with that Python call stack), sharing a persistent compilation cache.
+# They join JAX's runtime as this project does (`rendezvous.join`) or as a plain JAX program does.
+CALL_SITES = """
+import sys
+import jax, numpy as np
+from jax.experimental import multihost_utils
+from mnist_flax import rendezvous
+
+port, me, cache, join, line = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+jax.config.update("jax_compilation_cache_dir", cache)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+if join == "project":
+    rendezvous.join(f"127.0.0.1:{port}", 2, me, timeout_s=60)
+else:
+    jax.distributed.initialize(f"127.0.0.1:{port}", 2, me)
+if line == "a":
+    value = multihost_utils.broadcast_one_to_all(np.int32(7 if me == 0 else 0))
+else:
+    value = multihost_utils.broadcast_one_to_all(np.int32(7 if me == 0 else 0))
+print(int(value))
+"""
+
+
+def test_collectives_meet_whatever_the_call_site(tmp_path):
+    """jaxlib 0.12.1 runs a collective only where every process's executable has the same
+    fingerprint, Python call stack included (`rendezvous._same_program_on_every_process`).
+
+    A plain JAX run (on one line in both processes, which any JAX runs) fills the compilation
+    cache. Then, joined as this project joins, process 0 traces the collective on that line, where
+    it finds the plain run's entry (its key leaves the call stack out), and process 1 on another
+    line, where it compiles (JAX writes entries from process 0 only, under keys of its own).
+    """
+    for join, lines in (("plain", "aa"), ("project", "ab")):
+        port = str(free_port())
+        processes = [
+            subprocess.Popen(
+                [sys.executable, "-c", CALL_SITES, port, str(me), str(tmp_path), join, line],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for me, line in enumerate(lines)
+        ]
+        try:
+            outputs = [process.communicate(timeout=120) for process in processes]
+        finally:
+            for process in processes:
+                process.kill()
+        for process, (out, err) in zip(processes, outputs, strict=True):
+            assert process.returncode == 0, (join, lines, err[-3000:])
+            # After gloo's "connected" line.
+            assert out.strip().splitlines()[-1] == "7", (join, lines)
+
+
+def train_command(workdir: pathlib.Path, port: int, process_id: int, timeout_s: float) -> list[str]:
+    return [
+        "train", "--image-size", "32", "--alpha", "0.35", "--weights", "none", "--epochs", "1",
+        "--batch-size", "16", "--quiet", "--workdir", str(workdir),
+        "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
+        "--process-id", str(process_id), "--distributed-timeout", str(timeout_s),
+    ]  # fmt: skip
+
+
+def users_environment() -> dict[str, str]:
+    """This process's environment less the TensorFlow log level that `import jax` set here, so that
+    the command quiets TensorFlow as it does for a user (TensorFlow 2.20 logs "failed call to
+    cuInit" on a machine without a GPU)."""
+    return {name: value for name, value in os.environ.items() if name != "TF_CPP_MIN_LOG_LEVEL"}
+
+
+def a_workdir_with_a_file(tmp_path: pathlib.Path) -> pathlib.Path:
+    """A workdir that holds a file of an earlier run, which nothing may change."""
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "notes.txt").write_text("an earlier run's\n")
+    return workdir
+
+
+def assert_left_as_it_was(workdir: pathlib.Path) -> None:
+    """Only the earlier file, unchanged: no lock left behind, nothing half written."""
+    assert sorted(path.name for path in workdir.iterdir()) == ["notes.txt"]
+    assert (workdir / "notes.txt").read_text() == "an earlier run's\n"
+
+
+@pytest.mark.parametrize("process_id", [0, 1])
+def test_a_process_started_alone_stops_with_one_line_after_the_timeout(
+    tmp_path, idx_dir, process_id
+):
+    workdir = a_workdir_with_a_file(tmp_path)
+    port = free_port()
+    command = train_command(workdir, port, process_id, timeout_s=2)
+    result = subprocess.run(
+        [sys.executable, "-m", "mnist_flax", *command, "--data-dir", str(idx_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=users_environment(),
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    waited = "waited 2 s (--distributed-timeout) for"
+    expected = (
+        f"error: process 0 of 2 {waited} process 1 to join at 127.0.0.1:{port}; start process 1 "
+        "with the same --coordinator-address and --num-processes 2"
+        if process_id == 0
+        else f"error: process 1 of 2 {waited} process 0, the coordinator, at 127.0.0.1:{port}, "
+        "which does not answer; start it there, or check --coordinator-address"
+    )
+    assert result.stderr.splitlines() == [expected]
+    assert_left_as_it_was(workdir)
+
+
+@pytest.mark.parametrize(
+    ("number", "status", "line"),
+    [
+        (signal.SIGTERM, 143, "stopped at once by SIGTERM (process 0 of 2)"),
+        (signal.SIGINT, 130, "interrupted"),
+    ],
+    ids=["SIGTERM", "Ctrl-C"],
+)
+def test_a_stop_request_ends_a_process_waiting_to_join_at_once(
+    tmp_path, idx_dir, number, status, line
+):
+    """Process 0 alone, the timeout far off, waits for process 1 to join (its coordinator port
+    answers); a stop request ends it at once with one line (Ctrl-C: there the main thread waits
+    in Python, so the first one is enough)."""
+    workdir = a_workdir_with_a_file(tmp_path)
+    port = free_port()
+    command = train_command(workdir, port, 0, timeout_s=600)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mnist_flax", *command, "--data-dir", str(idx_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=users_environment(),
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while process.poll() is None and time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        time.sleep(1)  # well inside the join
+        start = time.monotonic()
+        process.send_signal(number)
+        _, err = process.communicate(timeout=30)
+        seconds = time.monotonic() - start
+    finally:
+        process.kill()
+    assert process.returncode == status, err[-3000:]
+    assert err.splitlines() == [line]
+    assert seconds < 5
+    assert_left_as_it_was(workdir)
+
+
+# `mnist-flax train`, made to hang before the step the test names as `module.name` (a process stuck
+# in a slow file system, a deadlock): it prints "stalling" there. Every process prints "replicating"
+# before it places the model's state, the first collective after the meeting at the workdir lock.
+STALLING_TRAIN = """
+import sys, time
+from mnist_flax import runtime
+
+runtime.quiet_libraries()
+from mnist_flax import cli, housekeeping, parallel, train
+
+stall_before, argv = sys.argv[1], sys.argv[2:]
+
+
+def stall(*args, **kwargs):
+    print("stalling", flush=True)
+    time.sleep(3600)
+
+
+if stall_before != "nothing":
+    module, name = stall_before.split(".")
+    setattr({"housekeeping": housekeeping, "train": train}[module], name, stall)
+replicate = parallel.replicate
+
+
+def announced(*args, **kwargs):
+    print("replicating", flush=True)
+    return replicate(*args, **kwargs)
+
+
+parallel.replicate = announced
+sys.exit(cli.main(argv))
+"""
+
+
+def start_a_pair(tmp_path, idx_dir, *, stall_before: str, timeout_s: float):
+    """Processes 0 and 1 of a run; process 1 hangs before `stall_before` (`module.name`)."""
+    workdir = a_workdir_with_a_file(tmp_path)
+    port = free_port()
+    processes = [
+        subprocess.Popen(
+            [
+                sys.executable, "-c", STALLING_TRAIN, stall,
+                *train_command(workdir, port, process_id, timeout), "--data-dir", str(idx_dir),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=users_environment(),
+        )
+        for process_id, stall, timeout in ((0, "nothing", timeout_s), (1, stall_before, 600))
+    ]  # fmt: skip
+    return processes, workdir
+
+
+def read_until(process: subprocess.Popen, text: str) -> None:
+    for line in process.stdout:
+        if line.strip() == text:
+            return
+    raise AssertionError(f"the process ended before it printed {text!r}: {process.stderr.read()}")
+
+
+@pytest.mark.slow
+def test_a_process_that_does_not_reach_the_workdir_lock_is_named_after_the_timeout(
+    tmp_path, idx_dir
+):
+    (first, second), workdir = start_a_pair(
+        tmp_path, idx_dir, stall_before="housekeeping.warn_about_overlaps", timeout_s=3
+    )
+    try:
+        read_until(second, "stalling")
+        _, err = first.communicate(timeout=120)
+    finally:
+        for process in (first, second):
+            process.kill()
+    assert first.returncode == 2, err[-3000:]
+    assert err.splitlines() == [
+        "error: process 0 of 2 waited 3 s (--distributed-timeout) at the workdir lock for "
+        "process 1, which did not arrive; see the output of process 1, or raise "
+        "--distributed-timeout"
+    ]
+    assert_left_as_it_was(workdir)  # process 0 took the lock, and released it
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("waited_s", "signals", "status", "line"),
+    [
+        (35, [signal.SIGTERM], 143, "stopped at once by SIGTERM (process 0 of 2)"),
+        (
+            2,
+            [signal.SIGINT, signal.SIGINT],
+            130,
+            "stopped at once by a second Ctrl-C (process 0 of 2)",
+        ),
+    ],
+    ids=["SIGTERM", "second Ctrl-C"],
+)
+def test_a_stop_request_ends_a_process_waiting_in_a_collective_at_once(
+    tmp_path, idx_dir, waited_s, signals, status, line
+):
+    """With the timeout far off, process 0 waits inside XLA for process 1, which hangs after the
+    meeting; a stop request ends it at once, with one line, and releases the workdir's lock.
+
+    35 s is past the 30 s that gloo's first collective waits for a missing process: process 0
+    still waits, because the processes connected at the meeting (`rendezvous._first_collective`).
+    """
+    (first, second), workdir = start_a_pair(
+        tmp_path, idx_dir, stall_before="train.create_model", timeout_s=600
+    )
+    try:
+        read_until(second, "stalling")
+        read_until(first, "replicating")
+        time.sleep(waited_s)  # inside the collective
+        start = time.monotonic()
+        for number in signals:
+            first.send_signal(number)
+            time.sleep(0.2)
+        _, err = first.communicate(timeout=30)
+        seconds = time.monotonic() - start
+    finally:
+        for process in (first, second):
+            process.kill()
+    assert first.returncode == status, err[-3000:]
+    assert err.splitlines() == [line]
+    assert seconds < 5
+    assert_left_as_it_was(workdir)
