@@ -19,7 +19,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from helpers import assert_same_history, block_digits
+from helpers import assert_same_history, block_digits, command_environment
 
 from mnist_flax import cli, input_pipeline, parallel
 
@@ -292,13 +292,6 @@ def train_command(workdir: pathlib.Path, port: int, process_id: int, timeout_s: 
     ]  # fmt: skip
 
 
-def users_environment() -> dict[str, str]:
-    """This process's environment less the TensorFlow log level that `import jax` set here, so that
-    the command quiets TensorFlow as it does for a user (TensorFlow 2.20 logs "failed call to
-    cuInit" on a machine without a GPU)."""
-    return {name: value for name, value in os.environ.items() if name != "TF_CPP_MIN_LOG_LEVEL"}
-
-
 def a_workdir_with_a_file(tmp_path: pathlib.Path) -> pathlib.Path:
     """A workdir that holds a file of an earlier run, which nothing may change."""
     workdir = tmp_path / "run"
@@ -325,7 +318,7 @@ def test_a_process_started_alone_stops_with_one_line_after_the_timeout(
         capture_output=True,
         text=True,
         timeout=120,
-        env=users_environment(),
+        env=command_environment(),
     )
     assert result.returncode == 2, result.stderr[-3000:]
     waited = "waited 2 s (--distributed-timeout) for"
@@ -362,7 +355,7 @@ def test_a_stop_request_ends_a_process_waiting_to_join_at_once(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=users_environment(),
+        env=command_environment(),
     )
     try:
         deadline = time.monotonic() + 120
@@ -432,7 +425,7 @@ def start_a_pair(tmp_path, idx_dir, *, stall_before: str, timeout_s: float):
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env=users_environment(),
+            env=command_environment(),
         )
         for process_id, stall, timeout in ((0, "nothing", timeout_s), (1, stall_before, 600))
     ]  # fmt: skip
