@@ -11,7 +11,10 @@ Python as exceptions. Orbax's absl warnings (a read-only checkpoint directory wh
 held back too. Environment variables a user set are left as they are.
 
 `import_tensorflow` imports TensorFlow without the Keras import its `__init__` makes and keeps it
-off the GPUs, which are JAX's (below).
+off the GPUs, which are JAX's (below). The full build of `tensorflow` 2.21 (not tensorflow-cpu's)
+also logs "Could not find cuda drivers on your machine" from its CUDA stub as it loads, whatever
+`TF_CPP_MIN_LOG_LEVEL` says (tensorflow/tensorflow#100442); so where that level hides TensorFlow's
+INFO lines, the import writes nothing to stderr (file descriptor 2) at all.
 
 `enable_compilation_cache` turns on JAX's persistent compilation cache, so that a second run of the
 same command (or a resumed run) loads its compiled steps instead of compiling them again. It lives
@@ -70,7 +73,8 @@ def import_tensorflow():
     else:
         sys.modules["keras"] = None  # `import keras` raises ImportError while this is here
         try:
-            tf = importlib.import_module("tensorflow")
+            with _stderr_muted(_tensorflow_log_level() >= 1):
+                tf = importlib.import_module("tensorflow")
         finally:
             if sys.modules.get("keras", 0) is None:
                 del sys.modules["keras"]
@@ -78,6 +82,41 @@ def import_tensorflow():
     with contextlib.suppress(RuntimeError):
         tf.config.set_visible_devices([], "GPU")
     return tf
+
+
+def _tensorflow_log_level() -> int:
+    """`TF_CPP_MIN_LOG_LEVEL` as TensorFlow reads it: 0 (everything) unless a number says more."""
+    try:
+        return int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0"))
+    except ValueError:
+        return 0
+
+
+@contextlib.contextmanager
+def _stderr_muted(mute: bool):
+    """File descriptor 2 points at the null device inside (when `mute`): C++ libraries write there
+    directly, past Python's `sys.stderr`. An exception raised inside still reaches the caller."""
+    saved = _duplicate_stderr() if mute else None
+    if saved is None:
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _duplicate_stderr() -> int | None:
+    """A copy of file descriptor 2 once Python's buffer is out, or None where there is none."""
+    sys.stderr.flush()
+    try:
+        return os.dup(2)
+    except OSError:
+        return None
 
 
 def cache_home() -> pathlib.Path:

@@ -141,6 +141,47 @@ def test_the_training_code_keeps_tensorflow_off_the_gpus():
     assert _fresh_python(code).strip().splitlines()[-1] == "['CPU']"
 
 
+def test_the_command_line_loads_tensorflow_without_a_line_on_stderr():
+    """The full build of TensorFlow 2.21 logs its CUDA stub's search for a driver as it loads,
+    whatever `TF_CPP_MIN_LOG_LEVEL` says; the command's import of it (quieted as for a user) is
+    silent, and stderr works again after it."""
+    code = (
+        "import sys\n"
+        "from mnist_flax import runtime\n"
+        "runtime.quiet_libraries()\n"
+        "runtime.import_tensorflow()\n"
+        "print('after', file=sys.stderr)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=command_environment(),
+    )
+    assert (result.returncode, result.stderr) == (0, "after\n")
+
+
+def test_a_muted_stderr_takes_what_cpp_and_python_write_and_lets_an_error_through():
+    code = (
+        "import os, sys\n"
+        "from mnist_flax import runtime\n"
+        "try:\n"
+        "    with runtime._stderr_muted(True):\n"
+        "        os.write(2, b'from C++\\n')\n"
+        "        print('from Python', file=sys.stderr)\n"
+        "        raise KeyError('inside')\n"
+        "except KeyError as error:\n"
+        "    print('caught', error, file=sys.stderr)\n"
+        "with runtime._stderr_muted(False):\n"
+        "    os.write(2, b'unmuted\\n')"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert (result.returncode, result.stderr) == (0, "caught 'inside'\nunmuted\n")
+
+
 def test_an_invalid_choice_names_the_flag(capsys):
     assert cli.main(["train", "--dtype", "float16"]) == 2
     err = capsys.readouterr().err
