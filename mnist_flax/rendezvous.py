@@ -28,6 +28,7 @@ docs/design.md ("Several devices and hosts") has the cause and the evidence.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import itertools
 import os
 import signal
@@ -35,7 +36,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -63,6 +64,7 @@ _connected = False  # whether `_first_collective` ran
 # The signals' wakeup descriptor and its reading end (`_end_at_once_on_stop_requests`), kept open
 # while the process runs.
 _stop_requests: tuple[socket.socket, socket.socket] | None = None
+_interrupts = 0  # Ctrl-Cs read from that descriptor
 
 
 class NotArrived(ValueError):
@@ -168,20 +170,39 @@ def _wait_until(done: Callable[[], bool], timeout_s: float) -> bool:
     """Whether `done()` came true within `timeout_s`; asks ever less often, up to twice a second.
 
     The wait is in Python, so Ctrl-C raises KeyboardInterrupt here; the process then exits
-    without JAX's shutdown too."""
+    without JAX's shutdown too. It is raised by this loop, from the count the stop watch keeps,
+    not by Python's handler: that one raises it wherever the main thread is, and inside a garbage
+    collection's callback (JAX has one) the interrupt is printed as ignored and lost."""
     deadline = time.monotonic() + timeout_s
     pause = 0.01
-    try:
-        while not done():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            time.sleep(min(pause, left))
-            pause = min(2 * pause, 0.5)
-    except KeyboardInterrupt:
-        _exit_without_jax_shutdown(EXIT_CTRL_C)
-        raise
+    seen = _interrupts
+    with _ctrl_c_counted_only():
+        try:
+            while not done():
+                if _interrupts > seen:
+                    raise KeyboardInterrupt
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                time.sleep(min(pause, left))
+                pause = min(2 * pause, 0.5)
+        except KeyboardInterrupt:
+            _exit_without_jax_shutdown(EXIT_CTRL_C)
+            raise
     return True
+
+
+@contextlib.contextmanager
+def _ctrl_c_counted_only() -> Iterator[None]:
+    """Inside, SIGINT's Python handler does nothing: the stop watch counts it (where there is one)."""
+    if _stop_requests is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _exit_without_jax_shutdown(status: int) -> None:
@@ -286,14 +307,14 @@ def _take_sigterm() -> None:
 
 
 def _watch(reader: socket.socket) -> None:
-    interrupts = 0
+    global _interrupts
     while True:
         for number in reader.recv(64):
             if number == signal.SIGTERM:
                 _end_at_once("SIGTERM", EXIT_SIGTERM)
             if number == signal.SIGINT:
-                interrupts += 1
-                if interrupts >= 2:
+                _interrupts += 1
+                if _interrupts >= 2:
                     _end_at_once("a second Ctrl-C", EXIT_CTRL_C)
 
 

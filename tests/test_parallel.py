@@ -378,6 +378,46 @@ def test_a_stop_request_ends_a_process_waiting_to_join_at_once(
     assert_left_as_it_was(workdir)
 
 
+# A wait of `rendezvous` whose first Ctrl-C Python delivered inside code that swallows
+# KeyboardInterrupt, as a garbage collection's callback does (JAX has one: "Exception ignored in
+# _xla_gc_callback").
+SWALLOWED_CTRL_C = """
+import os, signal, sys, time
+from mnist_flax import rendezvous
+rendezvous._end_at_once_on_stop_requests()
+sent = []
+
+def done():
+    if not sent:
+        sent.append(True)
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)
+        except KeyboardInterrupt:
+            pass
+    return False
+
+try:
+    rendezvous._wait_until(done, 30)
+    print("waited to the end", file=sys.stderr)
+except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+"""
+
+
+def test_a_ctrl_c_that_library_code_swallows_still_ends_a_wait():
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-c", SWALLOWED_CTRL_C],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=command_environment(),
+    )
+    assert (result.returncode, result.stderr) == (130, "interrupted\n")
+    assert time.monotonic() - start < 25  # the wait's own timeout is 30 s
+
+
 # `mnist-flax train`, made to hang before the step the test names as `module.name` (a process stuck
 # in a slow file system, a deadlock): it prints "stalling" there. Every process prints "replicating"
 # before it places the model's state, the first collective after the meeting at the workdir lock.
