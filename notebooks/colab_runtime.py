@@ -181,9 +181,13 @@ def dry_run(python: pathlib.Path, printed: str, workdir: pathlib.Path) -> dict[s
     return after
 
 
+def default_base(runtime: str) -> pathlib.Path:
+    return ROOT / f".venv-colab-{runtime}-base"
+
+
 def rebuild(args: argparse.Namespace) -> dict:
     """The runtime's starting point (built once), a copy of it, the install cell run in that."""
-    base = args.base or ROOT / f".venv-colab-{args.runtime}-base"
+    base = args.base or default_base(args.runtime)
     build_base(args.runtime, base, args.python)
     # Beside the base (hard links need one file system); .venv* is git-ignored.
     work = pathlib.Path(tempfile.mkdtemp(prefix=f"{base.name}-run-", dir=base.parent))
@@ -271,6 +275,9 @@ def main() -> None:
     parser.add_argument("runtime", choices=sorted(FREEZE))
     parser.add_argument("--python", default="python3.13", help="the Python to rebuild with")
     parser.add_argument("--base", type=pathlib.Path, help="the starting point's virtualenv")
+    parser.add_argument(
+        "--base-only", action="store_true", help="build the starting point, then stop (CI)"
+    )
     parser.add_argument("--project", type=pathlib.Path, default=ROOT, help="the source to install")
     parser.add_argument("--notebook", type=pathlib.Path, help="whose install cell to run")
     parser.add_argument("--dry-run", action="store_true", help="pip --dry-run --report only")
@@ -286,6 +293,9 @@ def main() -> None:
         raise SystemExit(
             f"no Colab package list at {shared_dir() / 'colab'}: set MNIST_FLAX_SHARED"
         )
+    if args.base_only:
+        build_base(args.runtime, args.base or default_base(args.runtime), args.python)
+        return
     report = rebuild(args)
     print(summary(report))
     if args.json:
