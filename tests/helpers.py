@@ -6,6 +6,8 @@ Plain functions (not fixtures), imported as `from helpers import ...`: pytest pu
 
 import os
 import pathlib
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -29,6 +31,17 @@ def command_environment() -> dict[str, str]:
     the commands a test starts: they then quiet TensorFlow as they do for a user
     (`runtime.quiet_libraries`; TensorFlow 2.20 logs "failed call to cuInit" without a GPU)."""
     return {name: value for name, value in os.environ.items() if name != "TF_CPP_MIN_LOG_LEVEL"}
+
+
+def run_code(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`code` run by a new interpreter in the commands' environment, its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=command_environment(),
+    )
 
 
 def block_digits(num_examples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

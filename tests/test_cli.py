@@ -10,7 +10,7 @@ import time
 
 import pytest
 import tensorflow_datasets as tfds
-from helpers import block_digits, command_environment, write_tfds_metadata
+from helpers import block_digits, command_environment, run_code, write_tfds_metadata
 
 from mnist_flax import cli, config, input_pipeline
 
@@ -152,13 +152,7 @@ def test_the_command_line_loads_tensorflow_without_a_line_on_stderr():
         "runtime.import_tensorflow()\n"
         "print('after', file=sys.stderr)"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=command_environment(),
-    )
+    result = run_code(code)
     assert (result.returncode, result.stderr) == (0, "after\n")
 
 
@@ -176,9 +170,7 @@ def test_a_muted_stderr_takes_what_cpp_and_python_write_and_lets_an_error_throug
         "with runtime._stderr_muted(False):\n"
         "    os.write(2, b'unmuted\\n')"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
-    )
+    result = run_code(code, timeout=60)
     assert (result.returncode, result.stderr) == (0, "caught 'inside'\nunmuted\n")
 
 

@@ -19,7 +19,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from helpers import assert_same_history, block_digits, command_environment
+from helpers import assert_same_history, block_digits, command_environment, run_code
 
 from mnist_flax import cli, input_pipeline, parallel
 
@@ -407,13 +407,7 @@ except KeyboardInterrupt:
 
 def test_a_ctrl_c_that_library_code_swallows_still_ends_a_wait():
     start = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, "-c", SWALLOWED_CTRL_C],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=command_environment(),
-    )
+    result = run_code(SWALLOWED_CTRL_C)
     assert (result.returncode, result.stderr) == (130, "interrupted\n")
     assert time.monotonic() - start < 25  # the wait's own timeout is 30 s
 
